@@ -1,0 +1,3 @@
+//! vessel-agent: PID 1 of the pod VM, runs the containers
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! vesseld: the CRI v1 gRPC server of vessel
+
+fn main() {}

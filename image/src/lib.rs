@@ -1,0 +1,1 @@
+//! Image references, registry client, content store and layer unpack

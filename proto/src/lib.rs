@@ -1,0 +1,21 @@
+//! The host <-> guest agent API. Generated code only; see `proto/agent.proto`.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// Agent API v1 (package `vessel.agent.v1`).
+pub mod agent {
+    tonic::include_proto!("vessel.agent.v1");
+}
+
+/// vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Largest single write either side makes to the vsock stream.
+/// vhost-device-vsock 0.3 stalls on larger writes from newer guest kernels.
+pub const MAX_VSOCK_WRITE: usize = 32 * 1024;
+
+/// virtiofs tag under which the pod share dir is exported to the guest.
+pub const SHARE_TAG: &str = "vessel";
+
+/// Where the agent mounts the pod share dir inside the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/vessel/share";

@@ -1,0 +1,1 @@
+//! The pod VM: hypervisor driver, helpers, guest assets, agent client

@@ -1,0 +1,1 @@
+//! Layer snapshots, container rootfs assembly, pod share dirs

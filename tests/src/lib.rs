@@ -1,0 +1,1 @@
+//! End-to-end tests of vessel through its CRI socket
