@@ -1,0 +1,117 @@
+//! The crate's error type and the coarse codes the CRI layer maps to gRPC status.
+
+use std::sync::Arc;
+
+/// Coarse classification of an [`ImageError`], mapped once to a gRPC code by the CRI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The image, manifest or blob does not exist.
+    NotFound,
+    /// The request itself is malformed (bad reference).
+    InvalidArgument,
+    /// The registry wants (other) credentials.
+    Unauthenticated,
+    /// The credentials are valid but not allowed to pull.
+    PermissionDenied,
+    /// Content did not match its digest or was hostile.
+    DataLoss,
+    /// The registry could not be reached or failed.
+    Unavailable,
+    /// Anything else (local I/O, database).
+    Internal,
+}
+
+/// Errors of the image store. Cheap to clone so that one failed shared download can be
+/// reported to every pull waiting on it.
+#[derive(thiserror::Error, Debug, Clone)]
+pub enum ImageError {
+    /// No such image, manifest or blob.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The reference cannot be parsed.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The registry answered 401.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The registry answered 403.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Downloaded content hashes to something else than its descriptor says.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The digest the manifest (or reference) promised.
+        expected: String,
+        /// The digest of what was received.
+        actual: String,
+    },
+    /// A layer holds an entry that would escape or damage the snapshot.
+    #[error("unsafe layer {digest}: {reason}")]
+    UnsafeLayer {
+        /// The layer blob's digest.
+        digest: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The registry failed or sent something unusable.
+    #[error("registry: {0}")]
+    Registry(String),
+    /// The image uses something this runtime does not support (platform, media type).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A local filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, and on which path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The metadata database or the snapshot store failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl ImageError {
+    /// The coarse code the CRI maps to a gRPC status.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ImageError::NotFound(_) => ErrorCode::NotFound,
+            ImageError::InvalidReference { .. } => ErrorCode::InvalidArgument,
+            ImageError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            ImageError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            ImageError::DigestMismatch { .. } | ImageError::UnsafeLayer { .. } => {
+                ErrorCode::DataLoss
+            }
+            ImageError::Registry(_) => ErrorCode::Unavailable,
+            ImageError::Unsupported(_) => ErrorCode::InvalidArgument,
+            ImageError::Io { .. } | ImageError::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| ImageError::Io {
+            context,
+            source: Arc::new(source),
+        }
+    }
+
+    /// Wraps a database (or other store) error.
+    pub(crate) fn store(e: impl std::fmt::Display) -> Self {
+        ImageError::Store(e.to_string())
+    }
+}
+
+impl From<vessel_storage::StorageError> for ImageError {
+    fn from(e: vessel_storage::StorageError) -> Self {
+        ImageError::Store(e.to_string())
+    }
+}

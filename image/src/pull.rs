@@ -1,0 +1,516 @@
+//! Pulling: resolve the manifest (linux/amd64 out of an index), fetch the config,
+//! download and unpack layers in parallel, then record the image in one transaction.
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::content::{digest_hex, sha256_digest};
+use crate::meta::Record;
+use crate::reference::ImageRef;
+use crate::registry::{Registry, MAX_MANIFEST_BYTES};
+use crate::store::{lock, Inner, Lease};
+use crate::unpack::{unpack_layer, Compression, UnpackError};
+use crate::{Image, ImageError, ImageStore, RegistryAuth};
+
+/// A layer being fetched and unpacked, awaited by every pull that needs it.
+pub(crate) type LayerFuture = Shared<BoxFuture<'static, Result<(), ImageError>>>;
+
+/// Largest image config accepted.
+const MAX_CONFIG_BYTES: i64 = 8 << 20;
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+/// The fields of a manifest or index this runtime uses.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestDoc {
+    schema_version: Option<i64>,
+    #[serde(default)]
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    manifests: Option<Vec<Descriptor>>,
+}
+
+/// The fields of an image config this runtime uses.
+#[derive(Deserialize)]
+struct ConfigDoc {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    config: Option<ConfigUser>,
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct ConfigUser {
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+fn parse_manifest(body: &[u8], what: &str) -> Result<ManifestDoc, ImageError> {
+    let doc: ManifestDoc = serde_json::from_slice(body)
+        .map_err(|e| ImageError::Registry(format!("{what}: unparsable manifest: {e}")))?;
+    if doc.schema_version != Some(2) {
+        return Err(ImageError::Unsupported(format!(
+            "{what}: manifest schema version {:?}",
+            doc.schema_version
+        )));
+    }
+    Ok(doc)
+}
+
+/// Chain ids from diff ids: `chain[0] = diff[0]`,
+/// `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
+pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256_digest(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+/// Everything needed to produce one layer's snapshot.
+#[derive(Clone)]
+struct LayerJob {
+    chain_id: String,
+    diff_id: String,
+    blob: Descriptor,
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn map_unpack(digest: &str, e: UnpackError) -> ImageError {
+    match e {
+        UnpackError::Unsafe { path, reason } => ImageError::UnsafeLayer {
+            digest: digest.to_owned(),
+            reason: format!("{path}: {reason}"),
+        },
+        UnpackError::UnsupportedMediaType(mt) => {
+            ImageError::Unsupported(format!("layer {digest} media type {mt}"))
+        }
+        UnpackError::Io { path, source } => ImageError::Io {
+            context: format!("unpacking {path:?} of layer {digest}"),
+            source: Arc::new(source),
+        },
+        UnpackError::Tar(e) => ImageError::UnsafeLayer {
+            digest: digest.to_owned(),
+            reason: format!("malformed layer: {e}"),
+        },
+    }
+}
+
+/// Unpacks the stored blob of `job` into a new snapshot, checking the uncompressed
+/// stream against the diff id: snapshots are shared by chain id across images, so
+/// one must hold exactly what its id says.
+fn unpack_blob(inner: &Inner, job: &LayerJob, compression: Compression) -> Result<(), ImageError> {
+    let digest = &job.blob.digest;
+    let path = inner.content.path(digest)?;
+    let file =
+        std::fs::File::open(&path).map_err(ImageError::io(format!("open {}", path.display())))?;
+    let buf = std::io::BufReader::with_capacity(1 << 20, file);
+    let decoded: Box<dyn Read> = match compression {
+        Compression::None => Box::new(buf),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buf)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(buf)
+                .map_err(ImageError::io(format!("zstd {digest}")))?,
+        ),
+    };
+    let mut reader = HashingReader {
+        inner: decoded,
+        hasher: Sha256::new(),
+    };
+    let pending = inner.snapshots.prepare(&job.chain_id)?;
+    unpack_layer(&mut reader, Compression::None, pending.path())
+        .map_err(|e| map_unpack(digest, e))?;
+    // The tar reader stops at the end-of-archive marker; the diff id covers the rest.
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| ImageError::UnsafeLayer {
+        digest: digest.clone(),
+        reason: format!("decompressing: {e}"),
+    })?;
+    let actual = format!("sha256:{}", hex::encode(reader.hasher.finalize()));
+    if actual != job.diff_id {
+        return Err(ImageError::DigestMismatch {
+            expected: job.diff_id.clone(),
+            actual,
+        });
+    }
+    pending.commit()?;
+    Ok(())
+}
+
+impl Inner {
+    /// Downloads (unless stored) and unpacks one layer.
+    async fn fetch_and_unpack(
+        self: &Arc<Self>,
+        registry: &Registry,
+        job: LayerJob,
+    ) -> Result<(), ImageError> {
+        if self.snapshots.exists(&job.chain_id) {
+            return Ok(());
+        }
+        let digest = job.blob.digest.clone();
+        let compression = Compression::from_media_type(&job.blob.media_type)
+            .map_err(|e| map_unpack(&digest, e))?;
+        if !self.content.exists(&digest) {
+            let _permit = self
+                .downloads
+                .acquire()
+                .await
+                .map_err(|e| ImageError::Store(e.to_string()))?;
+            let stream = registry
+                .blob_stream(&digest, job.blob.size, &job.blob.media_type)
+                .await?;
+            let size = u64::try_from(job.blob.size).ok();
+            let n = self.content.ingest(&digest, size, stream).await?;
+            self.counters.blobs.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || unpack_blob(&this, &job, compression))
+            .await
+            .map_err(|e| ImageError::Store(format!("unpack task: {e}")))??;
+        self.counters.layers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs `work` as its own task, shared by every caller asking for `key` while it
+    /// runs, unless `done()` says the result already exists. Being a task, a cancelled
+    /// pull does not abort a download others wait for.
+    fn shared_task<F>(
+        self: &Arc<Self>,
+        key: String,
+        done: impl FnOnce() -> bool,
+        work: F,
+    ) -> LayerFuture
+    where
+        F: std::future::Future<Output = Result<(), ImageError>> + Send + 'static,
+    {
+        let mut inflight = lock(&self.inflight);
+        if let Some(f) = inflight.get(&key) {
+            return f.clone();
+        }
+        // Checked under the lock: a finished task publishes its result before it
+        // leaves the map.
+        if done() {
+            return futures::future::ready(Ok(())).boxed().shared();
+        }
+        let this = self.clone();
+        let k = key.clone();
+        let task = tokio::spawn(async move {
+            let res = work.await;
+            lock(&this.inflight).remove(&k);
+            res
+        });
+        let fut = async move {
+            task.await
+                .unwrap_or_else(|e| Err(ImageError::Store(format!("pull task: {e}"))))
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, fut.clone());
+        fut
+    }
+
+    /// The shared future producing `job`'s snapshot (keyed by chain id).
+    fn layer_future(self: &Arc<Self>, registry: Arc<Registry>, job: LayerJob) -> LayerFuture {
+        let this = self.clone();
+        let chain = job.chain_id.clone();
+        self.shared_task(
+            format!("layer {chain}"),
+            || self.snapshots.exists(&chain),
+            async move { this.fetch_and_unpack(&registry, job).await },
+        )
+    }
+
+    /// Fetches a small blob (the config) into the content store, once for all
+    /// concurrent pulls, and returns it.
+    async fn small_blob(
+        self: &Arc<Self>,
+        registry: Arc<Registry>,
+        d: &Descriptor,
+    ) -> Result<Vec<u8>, ImageError> {
+        digest_hex(&d.digest)?;
+        if !(0..=MAX_CONFIG_BYTES).contains(&d.size) {
+            return Err(ImageError::Registry(format!(
+                "blob {} has size {}",
+                d.digest, d.size
+            )));
+        }
+        let this = self.clone();
+        let desc = d.clone();
+        self.shared_task(
+            format!("blob {}", d.digest),
+            || self.content.exists(&d.digest),
+            async move {
+                let stream = registry
+                    .blob_stream(&desc.digest, desc.size, &desc.media_type)
+                    .await?;
+                let n = this
+                    .content
+                    .ingest(&desc.digest, Some(desc.size as u64), stream)
+                    .await?;
+                this.counters.blobs.fetch_add(1, Ordering::Relaxed);
+                this.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+        .await?;
+        self.content.read(&d.digest)
+    }
+}
+
+fn is_index(doc: &ManifestDoc) -> bool {
+    doc.manifests.is_some()
+        || doc
+            .media_type
+            .as_deref()
+            .is_some_and(|m| m.contains("index") || m.contains("list"))
+}
+
+/// Checks that `body` hashes to `expected`.
+fn verify(body: &[u8], expected: &str) -> Result<(), ImageError> {
+    let actual = sha256_digest(body);
+    if actual != expected {
+        return Err(ImageError::DigestMismatch {
+            expected: expected.to_owned(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+impl ImageStore {
+    /// Pulls (or reuses) and unpacks `reference` (short names allowed).
+    pub async fn pull(&self, reference: &str, auth: &RegistryAuth) -> Result<Image, ImageError> {
+        let image_ref = ImageRef::parse(reference)?;
+        let inner = &self.inner;
+        let registry = {
+            let certs = inner.cfg.certs_dir.clone();
+            let (r, a) = (image_ref.clone(), auth.clone());
+            tokio::task::spawn_blocking(move || Registry::new(&certs, &r, &a))
+                .await
+                .map_err(|e| ImageError::Store(e.to_string()))??
+        };
+        let registry = Arc::new(registry);
+        let mut lease = Lease::new(inner.clone());
+
+        // Top-level manifest: what the tag (or pinned digest) names.
+        let body = registry.fetch_manifest(image_ref.object()).await?;
+        let top_digest = sha256_digest(&body);
+        if let Some(pinned) = &image_ref.digest {
+            verify(&body, pinned)?;
+        }
+        lease.add(std::slice::from_ref(&top_digest), &[]);
+        let mut doc = parse_manifest(&body, &image_ref.to_string())?;
+        inner.content.write_bytes(&top_digest, &body)?;
+        let mut blobs = vec![top_digest.clone()];
+
+        if is_index(&doc) {
+            let entry = doc
+                .manifests
+                .unwrap_or_default()
+                .into_iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                })
+                .ok_or_else(|| {
+                    ImageError::NotFound(format!("{image_ref}: no linux/amd64 image in index"))
+                })?;
+            digest_hex(&entry.digest)?;
+            if !(0..=MAX_MANIFEST_BYTES as i64).contains(&entry.size) {
+                return Err(ImageError::Registry(format!(
+                    "manifest size {}",
+                    entry.size
+                )));
+            }
+            let body = registry.fetch_manifest(&entry.digest).await?;
+            verify(&body, &entry.digest)?;
+            lease.add(std::slice::from_ref(&entry.digest), &[]);
+            inner.content.write_bytes(&entry.digest, &body)?;
+            blobs.push(entry.digest.clone());
+            doc = parse_manifest(&body, &entry.digest)?;
+            if is_index(&doc) {
+                return Err(ImageError::Unsupported(format!(
+                    "{image_ref}: nested image index"
+                )));
+            }
+        }
+
+        let config_desc = doc
+            .config
+            .clone()
+            .ok_or_else(|| ImageError::Registry(format!("{image_ref}: manifest has no config")))?;
+        lease.add(std::slice::from_ref(&config_desc.digest), &[]);
+        let config_json = inner.small_blob(registry.clone(), &config_desc).await?;
+        blobs.push(config_desc.digest.clone());
+        let config: ConfigDoc = serde_json::from_slice(&config_json)
+            .map_err(|e| ImageError::Registry(format!("{image_ref}: bad image config: {e}")))?;
+        if (!config.os.is_empty() && config.os != "linux")
+            || (!config.architecture.is_empty() && config.architecture != "amd64")
+        {
+            return Err(ImageError::Unsupported(format!(
+                "{image_ref} is {}/{}, not linux/amd64",
+                config.os, config.architecture
+            )));
+        }
+        if config.rootfs.diff_ids.len() != doc.layers.len() {
+            return Err(ImageError::Registry(format!(
+                "{image_ref}: {} layers but {} diff ids",
+                doc.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        for d in config
+            .rootfs
+            .diff_ids
+            .iter()
+            .chain(doc.layers.iter().map(|l| &l.digest))
+        {
+            digest_hex(d)?;
+        }
+        let chains = chain_ids(&config.rootfs.diff_ids);
+        let layer_digests: Vec<String> = doc.layers.iter().map(|l| l.digest.clone()).collect();
+        lease.add(&layer_digests, &chains);
+        blobs.extend(layer_digests);
+
+        let jobs = doc
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .zip(&chains)
+            .map(|((blob, diff), chain)| LayerJob {
+                chain_id: chain.clone(),
+                diff_id: diff.clone(),
+                blob: blob.clone(),
+            });
+        let futures: Vec<LayerFuture> = jobs
+            .map(|job| inner.layer_future(registry.clone(), job))
+            .collect();
+        futures::future::try_join_all(futures).await?;
+
+        let id = config_desc.digest.clone();
+        let size = doc.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        let user = config.config.and_then(|c| c.user).unwrap_or_default();
+        let tag = image_ref.tagged();
+        let repo_digest = image_ref.with_digest(&top_digest);
+        let record = inner.meta.write(|txn| {
+            let all = txn.all()?;
+            // A tag names one image: it moves off whatever image had it before.
+            if let Some(tag) = &tag {
+                for other in all
+                    .iter()
+                    .filter(|r| r.id != id && r.repo_tags.contains(tag))
+                {
+                    let mut other = other.clone();
+                    other.repo_tags.retain(|t| t != tag);
+                    txn.put(&other, None)?;
+                }
+            }
+            let mut rec = all.into_iter().find(|r| r.id == id).unwrap_or(Record {
+                id: id.clone(),
+                repo_tags: Vec::new(),
+                repo_digests: Vec::new(),
+                size,
+                user: user.clone(),
+                chain_ids: chains.clone(),
+                blobs: Vec::new(),
+                pinned: false,
+            });
+            if let Some(tag) = &tag {
+                if !rec.repo_tags.contains(tag) {
+                    rec.repo_tags.push(tag.clone());
+                }
+            }
+            if !rec.repo_digests.contains(&repo_digest) {
+                rec.repo_digests.push(repo_digest.clone());
+            }
+            for b in &blobs {
+                if !rec.blobs.contains(b) {
+                    rec.blobs.push(b.clone());
+                }
+            }
+            txn.put(&rec, Some(&config_json))?;
+            Ok(rec)
+        })?;
+        drop(lease);
+        tracing::info!(image = %image_ref, id = %record.id, "pulled");
+        Ok(record.into_image(config_json))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        assert_eq!(c[1], sha256_digest(format!("{a} {b}").as_bytes()));
+        assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn manifest_parsing_rejects_schema1() {
+        assert!(matches!(
+            parse_manifest(br#"{"schemaVersion":1}"#, "x"),
+            Err(ImageError::Unsupported(_))
+        ));
+        let idx = parse_manifest(
+            br#"{"schemaVersion":2,"manifests":[{"mediaType":"m","digest":"sha256:00","size":1,"platform":{"architecture":"arm64","os":"linux"}}]}"#,
+            "x",
+        )
+        .unwrap();
+        assert!(is_index(&idx));
+    }
+}
