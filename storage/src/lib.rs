@@ -1,1 +1,15 @@
-//! Layer snapshots, container rootfs assembly, pod share dirs
+//! Layer snapshots, container rootfs assembly, pod share dirs.
+//!
+//! A snapshot is one unpacked layer diff stored in `root/<chain-id hex>/`. Snapshots
+//! are created through [`Snapshotter::prepare`], filled by the caller, and published
+//! atomically with [`PendingSnapshot::commit`].
+
+mod error;
+pub mod rootfs;
+pub mod sharedir;
+mod snapshot;
+mod usage;
+
+pub use error::StorageError;
+pub use snapshot::{PendingSnapshot, Snapshotter};
+pub use usage::disk_usage;

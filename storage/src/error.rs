@@ -1,0 +1,30 @@
+use std::path::PathBuf;
+
+/// Errors of the snapshot store.
+#[derive(thiserror::Error, Debug)]
+pub enum StorageError {
+    /// The chain id is not `<algorithm>:<lowercase hex>` (or bare hex) of a known size.
+    #[error("invalid chain id {0:?}")]
+    InvalidChainId(String),
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("create", "rename", ...).
+        op: &'static str,
+        /// The path it was done on.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| StorageError::Io { op, path, source }
+    }
+}
