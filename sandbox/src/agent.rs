@@ -1,0 +1,166 @@
+//! Client of the guest agent (tonic over vsock), with a timeout on every unary call.
+
+use std::future::Future;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+use vessel_proto::agent::{self as pb, agent_client};
+
+use crate::error::{Error, Result};
+pub use crate::vsock::VsockAddr;
+
+/// The generated tonic client, for callers that need something not wrapped here.
+pub type RawAgentClient = agent_client::AgentClient<Channel>;
+
+/// Handle to one VM's agent. Cheap to clone; reconnects on demand.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    rpc: RawAgentClient,
+    call_timeout: Duration,
+    addr: VsockAddr,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AgentClient {
+    /// A lazily connecting client; nothing is dialled until the first call.
+    pub fn new(addr: VsockAddr, call_timeout: Duration) -> Self {
+        let target = addr.clone();
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let target = target.clone();
+            async move { crate::vsock::connect(&target).await.map(TokioIo::new) }
+        });
+        // The URI is a placeholder: the connector ignores it.
+        let channel = Endpoint::from_static("http://vessel-agent.vsock")
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Detects a stalled connection so the next call dials a new one.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect_with_connector_lazy(connector);
+        Self {
+            rpc: agent_client::AgentClient::new(channel),
+            call_timeout,
+            addr,
+        }
+    }
+
+    /// Where this client connects.
+    pub fn addr(&self) -> &VsockAddr {
+        &self.addr
+    }
+
+    /// The generated client (no timeouts applied).
+    pub fn raw(&self) -> RawAgentClient {
+        self.rpc.clone()
+    }
+
+    async fn timed<T, F>(&self, what: &str, limit: Duration, f: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(Error::Timeout(limit, format!("agent {what}"))),
+        }
+    }
+
+    /// Health, with the default call timeout.
+    pub async fn health(&self) -> Result<pb::HealthResponse> {
+        self.health_within(self.call_timeout).await
+    }
+
+    /// Health with a caller-chosen timeout (boot polling uses a short one).
+    pub async fn health_within(&self, limit: Duration) -> Result<pb::HealthResponse> {
+        let mut c = self.raw();
+        self.timed("Health", limit, c.health(pb::HealthRequest {}))
+            .await
+    }
+
+    /// Blocks until the process exits (no timeout).
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<pb::WaitProcessResponse> {
+        let req = pb::ProcessRef {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+        };
+        Ok(self.raw().wait_process(req).await?.into_inner())
+    }
+
+    /// Opens an output stream (the open is timed; the stream is not).
+    pub async fn read_output(
+        &self,
+        req: pb::ReadOutputRequest,
+    ) -> Result<Streaming<pb::OutputChunk>> {
+        let mut c = self.raw();
+        self.timed("ReadOutput", self.call_timeout, c.read_output(req))
+            .await
+    }
+
+    /// Streams stdin; the first chunk must name the process (no timeout).
+    pub async fn write_stdin(
+        &self,
+        chunks: impl tonic::IntoStreamingRequest<Message = pb::StdinChunk>,
+    ) -> Result<()> {
+        self.raw().write_stdin(chunks).await?;
+        Ok(())
+    }
+
+    /// Port-forward stream; the first message must carry the port (no timeout).
+    pub async fn port_forward(
+        &self,
+        data: impl tonic::IntoStreamingRequest<Message = pb::PortForwardData>,
+    ) -> Result<Streaming<pb::PortForwardData>> {
+        Ok(self.raw().port_forward(data).await?.into_inner())
+    }
+}
+
+macro_rules! unary {
+    ($(#[$doc:meta] $name:ident($req:ty) -> $resp:ty, $rpc:literal;)*) => {
+        impl AgentClient {
+            $(
+                #[$doc]
+                pub async fn $name(&self, req: $req) -> Result<$resp> {
+                    let mut c = self.raw();
+                    self.timed($rpc, self.call_timeout, c.$name(req)).await
+                }
+            )*
+        }
+    };
+}
+
+unary! {
+    /// Creates a container (not started).
+    create_container(pb::CreateContainerRequest) -> pb::Empty, "CreateContainer";
+    /// Starts a created container's main process.
+    start_container(pb::ContainerRef) -> pb::Empty, "StartContainer";
+    /// SIGKILLs what is left and frees the container's guest state.
+    remove_container(pb::ContainerRef) -> pb::Empty, "RemoveContainer";
+    /// Applies new OCI linux resources.
+    update_container_resources(pb::UpdateResourcesRequest) -> pb::Empty, "UpdateContainerResources";
+    /// cgroup statistics of one container.
+    container_stats(pb::ContainerRef) -> pb::ContainerStatsResponse, "ContainerStats";
+    /// Every container the agent knows.
+    list_containers(pb::Empty) -> pb::ListContainersResponse, "ListContainers";
+    /// Starts an extra process in a container.
+    exec_process(pb::ExecProcessRequest) -> pb::Empty, "ExecProcess";
+    /// Signals a process (or all of a container's).
+    signal_process(pb::SignalProcessRequest) -> pb::Empty, "SignalProcess";
+    /// Closes a process's stdin.
+    close_stdin(pb::ProcessRef) -> pb::Empty, "CloseStdin";
+    /// Resizes a process's TTY.
+    resize_tty(pb::ResizeTtyRequest) -> pb::Empty, "ResizeTty";
+    /// Configures guest interfaces, routes, DNS, hosts.
+    configure_network(pb::ConfigureNetworkRequest) -> pb::Empty, "ConfigureNetwork";
+    /// Whole-guest statistics.
+    guest_stats(pb::Empty) -> pb::GuestStatsResponse, "GuestStats";
+    /// Kills every container and powers the guest off.
+    shutdown(pb::Empty) -> pb::Empty, "Shutdown";
+}

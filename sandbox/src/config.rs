@@ -1,0 +1,127 @@
+//! What a pod VM is made of.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::accel::Accel;
+
+/// Everything needed to start one pod VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Pod id; names the QEMU process (`-name`) and appears in logs.
+    pub id: String,
+    /// Directory owned by this VM alone (sockets, logs, state file). Created by
+    /// `start` and removed entirely by `stop`/cleanup. Keep it short: unix socket
+    /// paths inside it must fit in 108 bytes.
+    pub run_dir: PathBuf,
+    /// Host directory exported to the guest over virtiofs (tag `vessel`, mounted at
+    /// `vessel_proto::GUEST_SHARE_DIR`). Not removed by this crate.
+    pub share_dir: PathBuf,
+    /// Uncompressed PVH `vmlinux`.
+    pub kernel: PathBuf,
+    /// Initramfs whose /init is vessel-agent.
+    pub initrd: PathBuf,
+    /// Guest vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Accelerator wanted.
+    pub accel: Accel,
+    /// Where the `auto` accel verdict is cached (e.g. /run/vessel).
+    pub accel_cache_dir: PathBuf,
+    /// Extra kernel command-line arguments (appended last).
+    pub extra_cmdline: Vec<String>,
+    /// Optional NIC backed by an open tap device.
+    pub net: Option<NetConfig>,
+    /// Network namespace file QEMU runs in (e.g. /run/vessel/netns/<pod>).
+    pub netns: Option<PathBuf>,
+    /// Host programs.
+    pub binaries: Binaries,
+    /// Time limits.
+    pub timeouts: Timeouts,
+}
+
+impl VmConfig {
+    /// A config with the defaults for everything but the paths.
+    pub fn new(
+        id: impl Into<String>,
+        run_dir: impl Into<PathBuf>,
+        share_dir: impl Into<PathBuf>,
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            run_dir: run_dir.into(),
+            share_dir: share_dir.into(),
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            vcpus: 1,
+            memory_mib: 512,
+            accel: Accel::Auto,
+            accel_cache_dir: PathBuf::from("/run/vessel"),
+            extra_cmdline: Vec::new(),
+            net: None,
+            netns: None,
+            binaries: Binaries::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// A tap-backed NIC.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The open tap device (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); QEMU
+    /// inherits it. The caller may close its copy once `start` returned.
+    pub tap: Arc<OwnedFd>,
+    /// Guest MAC, "aa:bb:cc:dd:ee:ff".
+    pub mac: String,
+}
+
+/// Paths of the host programs (bare names are looked up in PATH).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// qemu-system-x86_64.
+    pub qemu: PathBuf,
+    /// virtiofsd.
+    pub virtiofsd: PathBuf,
+    /// vhost-device-vsock (used when /dev/vhost-vsock is missing).
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Default for Binaries {
+    fn default() -> Self {
+        Self {
+            qemu: "qemu-system-x86_64".into(),
+            virtiofsd: "virtiofsd".into(),
+            vhost_device_vsock: "vhost-device-vsock".into(),
+        }
+    }
+}
+
+/// Time limits of the lifecycle.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// QEMU start until the agent answers Health.
+    pub boot: Duration,
+    /// A helper's socket appearing.
+    pub helper_ready: Duration,
+    /// Each unary agent call (streams and WaitProcess excluded).
+    pub agent_call: Duration,
+    /// Agent Shutdown until QEMU exits, before QMP quit and then SIGKILL.
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            boot: Duration::from_secs(60),
+            helper_ready: Duration::from_secs(10),
+            agent_call: Duration::from_secs(30),
+            shutdown: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! File names inside a VM's run dir.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Longest unix socket path (sun_path minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The run dir of one VM and the files in it.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Wraps `root`; fails when socket paths inside it would be too long.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let d = Self { root: root.into() };
+        let longest = d.vsock_hybrid();
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::InvalidConfig(format!(
+                "run dir {} is too long for unix socket paths",
+                d.root.display()
+            )));
+        }
+        Ok(d)
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Persisted state (JSON).
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    /// QMP control socket.
+    pub fn qmp(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    /// Guest serial console.
+    pub fn console_log(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    /// QEMU's own stdout/stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
+    /// virtiofsd's vhost-user socket.
+    pub fn fs_socket(&self) -> PathBuf {
+        self.root.join("fs.sock")
+    }
+    /// virtiofsd's log.
+    pub fn fs_log(&self) -> PathBuf {
+        self.root.join("virtiofsd.log")
+    }
+    /// vhost-device-vsock's vhost-user socket.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+    /// vhost-device-vsock's hybrid-vsock socket (host side of the agent channel).
+    pub fn vsock_hybrid(&self) -> PathBuf {
+        self.root.join("vsock.hybrid")
+    }
+    /// vhost-device-vsock's log.
+    pub fn vsock_log(&self) -> PathBuf {
+        self.root.join("vhost-device-vsock.log")
+    }
+}

@@ -1,0 +1,385 @@
+//! Detached daemon processes (QEMU and its helpers), named by pid + start time so a
+//! restarted vesseld can find them again, and watched through pidfds so an exit is
+//! noticed at once whether or not the process is our child.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{
+    pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal, WaitId, WaitIdOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// A process identity that survives pid reuse: pid plus its kernel start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    /// Host pid.
+    pub pid: i32,
+    /// Field 22 of /proc/<pid>/stat (clock ticks since host boot).
+    pub start_time: u64,
+}
+
+/// What to run, and how to detach it.
+pub struct SpawnSpec<'a> {
+    /// The program.
+    pub program: &'a Path,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// stdout and stderr go here (appended).
+    pub log: &'a Path,
+    /// Network namespace to enter before exec (a /run/netns/<name>-style path).
+    pub netns: Option<&'a Path>,
+    /// Descriptors the program inherits under their current numbers.
+    pub keep_fds: Vec<RawFd>,
+}
+
+/// Starts a process in its own session (so signals to vesseld's group miss it and it
+/// outlives vesseld), stdin on /dev/null, output to the log file.
+pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(spec.log)
+        .map_err(|e| Error::io(spec.log, e))?;
+    let log2 = log.try_clone().map_err(|e| Error::io(spec.log, e))?;
+    // Opened before fork: the child may only make async-signal-safe calls.
+    let netns = spec
+        .netns
+        .map(|p| File::open(p).map_err(|e| Error::io(p, e)))
+        .transpose()?;
+    let keep_fds = spec.keep_fds.clone();
+    let mut cmd = Command::new(spec.program);
+    cmd.args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: the closure runs between fork and exec and only makes raw syscalls
+    // (setsid, setns, fcntl) on descriptors opened before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setsid()?;
+            if let Some(ns) = &netns {
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+            }
+            for &fd in &keep_fds {
+                // SAFETY: the caller owns `fd` and keeps it open across this spawn.
+                let fd = BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| Error::Spawn {
+        program: spec.program.display().to_string(),
+        source,
+    })?;
+    // The std Child is dropped without waiting: the pidfd watcher reaps it.
+    let pid = child.id() as i32;
+    let pidfd = open_pidfd(pid).map_err(|e| Error::Sys("pidfd_open", e.into()))?;
+    let start_time = start_time(pid)
+        .ok_or_else(|| Error::died(&spec.program.display().to_string(), &[spec.log]))?;
+    Ok(Proc::watch(ProcId { pid, start_time }, pidfd))
+}
+
+fn open_pidfd(pid: i32) -> rustix::io::Result<OwnedFd> {
+    let pid = Pid::from_raw(pid).ok_or(rustix::io::Errno::SRCH)?;
+    pidfd_open(pid, PidfdFlags::empty())
+}
+
+/// Start time of `pid` from /proc, or None if it does not exist.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parens: fields after the last ')' are fixed.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts at field 3 (state); start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[derive(Debug)]
+struct PidFd(Arc<OwnedFd>);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A live (or recently exited) process we watch.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    id: ProcId,
+    pidfd: Arc<OwnedFd>,
+    exited: watch::Receiver<bool>,
+}
+
+impl Proc {
+    /// Finds a recorded process again; `None` when it is gone (or the pid was reused).
+    pub fn find(id: ProcId) -> Option<Self> {
+        let pidfd = open_pidfd(id.pid).ok()?;
+        // Checked after the pidfd is held: a match proves the pidfd names that process.
+        if start_time(id.pid)? != id.start_time {
+            return None;
+        }
+        let p = Self::watch(id, pidfd);
+        (!p.has_exited()).then_some(p)
+    }
+
+    /// Must run inside a tokio runtime: spawns the watcher task.
+    fn watch(id: ProcId, pidfd: OwnedFd) -> Self {
+        let pidfd = Arc::new(pidfd);
+        let (tx, rx) = watch::channel(false);
+        let fd = pidfd.clone();
+        tokio::spawn(async move {
+            // SAFETY: `PidFd` holds an Arc of the open pidfd, so the descriptor stays open
+            // and names the same pidfd for as long as the AsyncFd owns it.
+            let registered = unsafe {
+                AsyncFd::register_with_interest(PidFd(fd.clone()), tokio::io::Interest::READABLE)
+            };
+            match registered {
+                Ok(afd) => {
+                    // A pidfd turns readable when the process exits.
+                    let _ = afd.readable().await;
+                }
+                Err(e) => {
+                    tracing::warn!(pid = id.pid, "cannot watch pidfd: {e}; polling");
+                    while !exited_now(fd.as_fd()) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            reap(fd.as_fd());
+            let _ = tx.send(true);
+        });
+        Self {
+            id,
+            pidfd,
+            exited: rx,
+        }
+    }
+
+    /// Its identity, for the state file.
+    pub fn id(&self) -> ProcId {
+        self.id
+    }
+
+    /// Host pid.
+    pub fn pid(&self) -> i32 {
+        self.id.pid
+    }
+
+    /// True once the process has exited.
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow() || exited_now(self.pidfd.as_fd())
+    }
+
+    /// A receiver that turns `true` when the process exits.
+    pub fn exit_watch(&self) -> watch::Receiver<bool> {
+        self.exited.clone()
+    }
+
+    /// Resolves when the process has exited.
+    pub async fn exited(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    /// Sends `sig`; a process that is already gone is not an error.
+    pub fn signal(&self, sig: Signal) {
+        if let Err(e) = pidfd_send_signal(self.pidfd.as_fd(), sig) {
+            if e != rustix::io::Errno::SRCH {
+                tracing::warn!(pid = self.id.pid, "signal {sig:?}: {e}");
+            }
+        }
+    }
+
+    /// SIGTERM to its process group, then SIGKILL after `grace`; returns once the
+    /// process and everything it forked into its group (virtiofsd's sandbox child)
+    /// are gone.
+    pub async fn terminate(&self, grace: Duration) {
+        if !self.has_exited() {
+            self.signal_group(Signal::TERM);
+            if tokio::time::timeout(grace, self.exited()).await.is_ok() {
+                self.reap_group().await;
+                return;
+            }
+        }
+        self.kill().await;
+    }
+
+    /// SIGKILL to its process group; returns once all of it is gone.
+    pub async fn kill(&self) {
+        self.signal_group(Signal::KILL);
+        self.exited().await;
+        self.reap_group().await;
+    }
+
+    /// Signals the process group we gave it (`setsid` made it the leader).
+    fn signal_group(&self, sig: Signal) {
+        if let Some(pgid) = Pid::from_raw(self.id.pid) {
+            // The group id stays reserved while any member lives, so this cannot hit
+            // an unrelated group while stragglers exist.
+            let _ = rustix::process::kill_process_group(pgid, sig);
+        }
+        self.signal(sig);
+    }
+
+    /// Kills members of its group that outlive the leader.
+    async fn reap_group(&self) {
+        for _ in 0..200 {
+            if group_members(self.id.pid).is_empty() {
+                return;
+            }
+            self.signal_group(Signal::KILL);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!(pgid = self.id.pid, "process group members survive SIGKILL");
+    }
+
+    /// SIGKILL and wait without a runtime (for unwinding in `Drop`).
+    pub fn kill_blocking(&self) {
+        self.signal_group(Signal::KILL);
+        let ts = Timespec {
+            tv_sec: 5,
+            tv_nsec: 0,
+        };
+        let mut fds = [PollFd::new(&*self.pidfd, PollFlags::IN)];
+        let _ = poll(&mut fds, Some(&ts));
+        reap(self.pidfd.as_fd());
+        for _ in 0..200 {
+            if group_members(self.id.pid).is_empty() {
+                break;
+            }
+            self.signal_group(Signal::KILL);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Live (non-zombie) processes in process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            // Fields 3 (state), 4 (ppid), 5 (pgrp).
+            let state = f.next();
+            let pgrp = f.nth(1).and_then(|v| v.parse::<i32>().ok());
+            state != Some("Z") && pgrp == Some(pgid)
+        })
+        .collect()
+}
+
+fn exited_now(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+}
+
+/// Collects the exit status of our own children; others are reaped by their parent.
+fn reap(pidfd: BorrowedFd<'_>) {
+    let _ = rustix::process::waitid(
+        WaitId::PidFd(pidfd),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn watches_and_kills_detached_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sleep.log");
+        let p = spawn_detached(&SpawnSpec {
+            program: Path::new("/bin/sh"),
+            args: vec!["-c".into(), "echo started; exec sleep 60".into()],
+            log: &log,
+            netns: None,
+            keep_fds: vec![],
+        })
+        .unwrap();
+        // Its own session: the session id is its own pid.
+        let sid = rustix::process::getsid(Pid::from_raw(p.pid())).unwrap();
+        assert_eq!(sid.as_raw_nonzero().get(), p.pid());
+        let again = Proc::find(p.id()).expect("found by pid + start time");
+        assert!(Proc::find(ProcId {
+            start_time: p.id().start_time + 1,
+            ..p.id()
+        })
+        .is_none());
+        assert!(!again.has_exited());
+        while !std::fs::read_to_string(&log).unwrap().contains("started") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = std::time::Instant::now();
+        again.kill().await;
+        tokio::time::timeout(Duration::from_secs(1), p.exited())
+            .await
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(p.has_exited());
+        // Reaped: no zombie left.
+        assert!(start_time(p.pid()).is_none());
+    }
+
+    #[tokio::test]
+    async fn terminate_reaches_forked_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("fork.log");
+        let p = spawn_detached(&SpawnSpec {
+            program: Path::new("/bin/sh"),
+            // The forked child ignores SIGTERM, so only the group SIGKILL ends it.
+            args: vec![
+                "-c".into(),
+                "(trap '' TERM; exec sleep 60) & echo $!; exec sleep 61".into(),
+            ],
+            log: &log,
+            netns: None,
+            keep_fds: vec![],
+        })
+        .unwrap();
+        let child: i32 = loop {
+            if let Ok(pid) = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .trim()
+                .parse()
+            {
+                break pid;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        while group_members(p.pid()).len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(group_members(p.pid()).contains(&child));
+        p.terminate(Duration::from_millis(200)).await;
+        assert!(group_members(p.pid()).is_empty());
+    }
+}

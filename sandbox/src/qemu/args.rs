@@ -1,0 +1,287 @@
+//! QEMU command line of a pod VM (pure; unit-tested).
+
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+
+use crate::accel::ResolvedAccel;
+use crate::hypervisor::{LaunchSpec, VsockDevice};
+
+/// Kernel arguments every pod VM gets.
+const BASE_CMDLINE: &str = "quiet cryptomgr.notests panic=-1 console=ttyS0";
+
+/// The kernel command line: TSC hints under TCG, the base arguments, then extras.
+pub fn kernel_cmdline(accel: ResolvedAccel, tsc_khz: Option<u64>, extra: &[String]) -> String {
+    let mut parts = Vec::new();
+    if accel == ResolvedAccel::Tcg {
+        if let Some(khz) = tsc_khz {
+            parts.push(format!("tsc_early_khz={khz} tsc=reliable"));
+        }
+    }
+    parts.push(BASE_CMDLINE.to_string());
+    parts.extend(extra.iter().cloned());
+    parts.join(" ")
+}
+
+fn path_arg(prefix: &str, path: &std::path::Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path);
+    s
+}
+
+/// The argv (without the program) for `spec`.
+pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
+    let cfg = spec.config;
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
+    push(&["-name", &format!("vessel-{},debug-threads=on", cfg.id)]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    // ACPI stays on: without VIRTIO_MMIO_CMDLINE_DEVICES in the guest kernel, ACPI is
+    // how it finds the virtio-mmio devices.
+    push(&["-machine", "microvm,acpi=on,memory-backend=mem"]);
+    match spec.accel {
+        ResolvedAccel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        ResolvedAccel::Tcg => push(&["-accel", "tcg"]),
+    }
+    push(&["-smp", &cfg.vcpus.to_string()]);
+    push(&["-m", &format!("{}M", cfg.memory_mib)]);
+    // Shared memfd RAM: vhost-user backends map guest memory.
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            cfg.memory_mib
+        ),
+    ]);
+    a.push("-kernel".into());
+    a.push(cfg.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(cfg.initrd.clone().into());
+    a.push("-append".into());
+    a.push(kernel_cmdline(spec.accel, spec.tsc_khz, &cfg.extra_cmdline).into());
+
+    a.push("-chardev".into());
+    a.push(path_arg("file,id=console,path=", &spec.dir.console_log()));
+    a.push("-serial".into());
+    a.push("chardev:console".into());
+    a.push("-qmp".into());
+    let mut qmp = path_arg("unix:", &spec.dir.qmp());
+    qmp.push(",server=on,wait=off");
+    a.push(qmp);
+
+    a.push("-device".into());
+    a.push("virtio-balloon-device,free-page-reporting=on".into());
+
+    a.push("-chardev".into());
+    a.push(path_arg("socket,id=fs,path=", spec.fs_socket));
+    a.push("-device".into());
+    a.push(
+        format!(
+            "vhost-user-fs-device,chardev=fs,tag={}",
+            vessel_proto::SHARE_TAG
+        )
+        .into(),
+    );
+
+    match &spec.vsock {
+        VsockDevice::Kernel { cid } => {
+            a.push("-device".into());
+            a.push(format!("vhost-vsock-device,guest-cid={cid}").into());
+        }
+        VsockDevice::VhostUser { socket } => {
+            a.push("-chardev".into());
+            a.push(path_arg("socket,id=vsock,path=", socket));
+            a.push("-device".into());
+            a.push("vhost-user-vsock-device,chardev=vsock".into());
+        }
+    }
+
+    if let Some(net) = &cfg.net {
+        let vhost = if vhost_net { "on" } else { "off" };
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,fd={},vhost={vhost}", net.tap.as_raw_fd()).into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{NetConfig, VmConfig};
+    use crate::layout::RunDir;
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn strings(v: &[OsString]) -> Vec<String> {
+        v.iter().map(|s| s.to_str().unwrap().to_string()).collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    fn config() -> VmConfig {
+        let mut c = VmConfig::new(
+            "pod1",
+            "/run/v/pod1",
+            "/run/v/pod1/share",
+            "/g/vmlinux",
+            "/g/initrd.img",
+        );
+        c.vcpus = 2;
+        c.memory_mib = 256;
+        c.extra_cmdline = vec!["foo=bar".into()];
+        c
+    }
+
+    #[test]
+    fn tcg_with_hybrid_vsock() {
+        let cfg = config();
+        let dir = RunDir::new("/run/v/pod1").unwrap();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel: ResolvedAccel::Tcg,
+            dir: &dir,
+            vsock: VsockDevice::VhostUser {
+                socket: dir.vsock_socket(),
+            },
+            fs_socket: &dir.fs_socket(),
+            tsc_khz: Some(2_596_156),
+        };
+        let a = strings(&qemu_args(&spec, false));
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(a.contains(&flag.to_string()), "{flag} missing");
+        }
+        assert_eq!(value_of(&a, "-display"), ["none"]);
+        assert_eq!(
+            value_of(&a, "-machine"),
+            ["microvm,acpi=on,memory-backend=mem"]
+        );
+        assert_eq!(value_of(&a, "-accel"), ["tcg"]);
+        assert!(value_of(&a, "-cpu").is_empty());
+        assert_eq!(value_of(&a, "-smp"), ["2"]);
+        assert_eq!(value_of(&a, "-m"), ["256M"]);
+        assert_eq!(
+            value_of(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=256M,share=on"]
+        );
+        assert_eq!(value_of(&a, "-kernel"), ["/g/vmlinux"]);
+        assert_eq!(value_of(&a, "-initrd"), ["/g/initrd.img"]);
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["tsc_early_khz=2596156 tsc=reliable quiet cryptomgr.notests panic=-1 console=ttyS0 foo=bar"]
+        );
+        assert_eq!(
+            value_of(&a, "-qmp"),
+            ["unix:/run/v/pod1/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
+        assert_eq!(
+            value_of(&a, "-chardev"),
+            [
+                "file,id=console,path=/run/v/pod1/console.log",
+                "socket,id=fs,path=/run/v/pod1/fs.sock",
+                "socket,id=vsock,path=/run/v/pod1/vsock.sock",
+            ]
+        );
+        assert_eq!(
+            value_of(&a, "-device"),
+            [
+                "virtio-balloon-device,free-page-reporting=on",
+                "vhost-user-fs-device,chardev=fs,tag=vessel",
+                "vhost-user-vsock-device,chardev=vsock",
+            ]
+        );
+        assert!(value_of(&a, "-netdev").is_empty());
+        assert!(
+            a[0..2]
+                == [
+                    "-name".to_string(),
+                    "vessel-pod1,debug-threads=on".to_string()
+                ]
+        );
+    }
+
+    #[test]
+    fn kvm_with_kernel_vsock_and_tap() {
+        let mut cfg = config();
+        let tap: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = tap.as_raw_fd();
+        cfg.net = Some(NetConfig {
+            tap: Arc::new(tap),
+            mac: "02:00:00:00:00:01".into(),
+        });
+        let dir = RunDir::new("/run/v/pod1").unwrap();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel: ResolvedAccel::Kvm,
+            dir: &dir,
+            vsock: VsockDevice::Kernel { cid: 42 },
+            fs_socket: Path::new("/run/v/pod1/fs.sock"),
+            tsc_khz: Some(2_596_156),
+        };
+        let a = strings(&qemu_args(&spec, true));
+        assert_eq!(value_of(&a, "-accel"), ["kvm"]);
+        assert_eq!(value_of(&a, "-cpu"), ["host"]);
+        // No TSC hints under KVM: the guest calibrates from the real TSC.
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["quiet cryptomgr.notests panic=-1 console=ttyS0 foo=bar"]
+        );
+        let devices = value_of(&a, "-device");
+        assert!(devices.contains(&"vhost-vsock-device,guest-cid=42"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
+        assert!(!devices.iter().any(|d| d.starts_with("vhost-user-vsock")));
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [format!("tap,id=net0,fd={fd},vhost=on")]
+        );
+    }
+
+    #[test]
+    fn tcg_without_vhost_net() {
+        let mut cfg = config();
+        let tap: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = tap.as_raw_fd();
+        cfg.net = Some(NetConfig {
+            tap: Arc::new(tap),
+            mac: "02:00:00:00:00:02".into(),
+        });
+        let dir = RunDir::new("/r").unwrap();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel: ResolvedAccel::Tcg,
+            dir: &dir,
+            vsock: VsockDevice::VhostUser {
+                socket: dir.vsock_socket(),
+            },
+            fs_socket: &dir.fs_socket(),
+            tsc_khz: None,
+        };
+        let a = strings(&qemu_args(&spec, false));
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [format!("tap,id=net0,fd={fd},vhost=off")]
+        );
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["quiet cryptomgr.notests panic=-1 console=ttyS0 foo=bar"]
+        );
+    }
+
+    #[test]
+    fn run_dir_too_long_for_sockets() {
+        assert!(RunDir::new(format!("/{}", "x".repeat(100))).is_err());
+    }
+}

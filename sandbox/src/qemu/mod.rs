@@ -1,0 +1,84 @@
+//! The QEMU backend: microvm, launched detached, controlled over QMP.
+
+mod args;
+mod qmp;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+pub use args::{kernel_cmdline, qemu_args};
+
+use crate::error::{Error, Result};
+use crate::helpers::wait_for_socket;
+use crate::hypervisor::{Hypervisor, LaunchSpec};
+use crate::layout::RunDir;
+use crate::process::{spawn_detached, Proc, SpawnSpec};
+
+/// Backend name in state files.
+pub const NAME: &str = "qemu";
+
+/// QEMU (`qemu-system-x86_64`).
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// The QEMU program.
+    pub binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn spawn(&self, spec: &LaunchSpec<'_>) -> Result<Proc> {
+        let vhost_net = std::path::Path::new("/dev/vhost-net").exists();
+        let keep_fds = spec.config.net.iter().map(|n| n.tap.as_raw_fd()).collect();
+        spawn_detached(&SpawnSpec {
+            program: &self.binary,
+            args: qemu_args(spec, vhost_net),
+            log: &spec.dir.qemu_log(),
+            netns: spec.config.netns.as_deref(),
+            keep_fds,
+        })
+    }
+
+    async fn wait_ready(&self, spec: &LaunchSpec<'_>, vmm: &Proc) -> Result<()> {
+        // QEMU creates the QMP socket once its command line is accepted; a bad
+        // argument or missing kernel makes it exit first.
+        let (qmp, log) = (spec.dir.qmp(), spec.dir.qemu_log());
+        wait_for_socket(vmm, &qmp, "qemu", &log, spec.config.timeouts.helper_ready).await
+    }
+
+    async fn power_down(&self, dir: &RunDir) -> Result<()> {
+        qmp::execute(&dir.qmp(), "system_powerdown", None)
+            .await
+            .map(drop)
+    }
+
+    async fn quit(&self, dir: &RunDir) -> Result<()> {
+        match qmp::execute(&dir.qmp(), "quit", None).await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before its answer arrives.
+            Err(Error::Qmp(m)) if m.contains("connection closed") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn is_running(&self, dir: &RunDir) -> Result<bool> {
+        let status = qmp::execute(&dir.qmp(), "query-status", None).await?;
+        Ok(status
+            .get("running")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false))
+    }
+}

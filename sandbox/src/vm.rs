@@ -1,0 +1,541 @@
+//! Lifecycle of one pod VM: start (helpers → VMM → agent ready), stop (agent
+//! Shutdown → QMP quit → SIGKILL → helpers), crash detection, reconnect after a
+//! vesseld restart, and cleanup that leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use vessel_proto::agent as pb;
+
+use crate::accel::{self, ResolvedAccel};
+use crate::agent::{AgentClient, VsockAddr};
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::helpers;
+use crate::hypervisor::{self, Hypervisor, LaunchSpec, VsockDevice};
+use crate::layout::RunDir;
+use crate::process::{Proc, ProcId};
+use crate::qemu::Qemu;
+use crate::state::{VmState, STATE_VERSION};
+
+/// How a VM's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// Through `stop`.
+    Requested,
+    /// On its own: guest panic/poweroff, QEMU crash, or killed from outside.
+    Unexpected,
+}
+
+/// Durations measured during `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTiming {
+    /// Accel choice and helper startup, before the VMM is spawned.
+    pub helpers: Duration,
+    /// VMM spawn until the agent answered Health.
+    pub vmm_to_agent: Duration,
+    /// The whole `start`.
+    pub total: Duration,
+}
+
+/// Time between Health attempts while the guest boots. Not shorter: vhost-device-vsock
+/// 0.3 was seen to wedge for good (every later CONNECT unanswered) after a few hundred
+/// refused connections at 20 ms intervals during boot; at 100 ms it has not.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// Per-attempt Health timeout while the guest boots.
+const HEALTH_ATTEMPT: Duration = Duration::from_secs(2);
+/// How long helpers get to exit on SIGTERM.
+const HELPER_GRACE: Duration = Duration::from_secs(2);
+/// How long QEMU gets to exit after QMP `quit`.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+
+/// A running (or exited, not yet cleaned up) pod VM.
+#[derive(Debug)]
+pub struct PodVm {
+    id: String,
+    dir: RunDir,
+    hypervisor: Arc<dyn Hypervisor>,
+    accel: ResolvedAccel,
+    vmm: Proc,
+    virtiofsd: Option<Proc>,
+    vsock_helper: Option<Proc>,
+    agent: AgentClient,
+    shutdown_timeout: Duration,
+    stopping: Arc<AtomicBool>,
+    exit: watch::Receiver<Option<VmExit>>,
+    supervisor: tokio::task::JoinHandle<()>,
+    boot_timing: Option<BootTiming>,
+}
+
+/// Undoes a partial start in reverse order unless disarmed.
+struct StartGuard {
+    dir: PathBuf,
+    procs: Vec<Proc>,
+    armed: bool,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for p in self.procs.iter().rev() {
+            p.kill_blocking();
+        }
+        remove_dir(&self.dir);
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove run dir: {e}"),
+    }
+}
+
+/// A guest CID for kernel vhost-vsock, host-wide unique in practice: derived from
+/// the pod id (CIDs 0-2 are reserved; u32::MAX is "any").
+fn cid_for(id: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    3 + (h.finish() % u64::from(u32::MAX - 4)) as u32
+}
+
+fn check_config(cfg: &VmConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidConfig(m));
+    if cfg.id.is_empty() {
+        return bad("empty VM id".into());
+    }
+    if cfg.vcpus == 0 {
+        return bad("vcpus must be at least 1".into());
+    }
+    if cfg.memory_mib < 64 {
+        return bad(format!(
+            "{} MiB of memory is too little (min 64)",
+            cfg.memory_mib
+        ));
+    }
+    for (what, p) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
+        if !p.is_file() {
+            return bad(format!("{what} {} is not a file", p.display()));
+        }
+    }
+    if !cfg.share_dir.is_dir() {
+        return bad(format!(
+            "share dir {} is not a directory",
+            cfg.share_dir.display()
+        ));
+    }
+    Ok(())
+}
+
+impl PodVm {
+    /// Starts the VM with QEMU and waits until its agent answers. On any failure
+    /// everything started so far is stopped and the run dir removed.
+    pub async fn start(cfg: VmConfig) -> Result<Self> {
+        let qemu = Arc::new(Qemu {
+            binary: cfg.binaries.qemu.clone(),
+        });
+        Self::start_with(cfg, qemu).await
+    }
+
+    /// Like `start`, with a chosen backend.
+    pub async fn start_with(cfg: VmConfig, hv: Arc<dyn Hypervisor>) -> Result<Self> {
+        let t0 = Instant::now();
+        check_config(&cfg)?;
+        let dir = RunDir::new(&cfg.run_dir)?;
+        if dir.state().exists() {
+            return Err(Error::InvalidConfig(format!(
+                "run dir {} already holds a VM",
+                dir.root().display()
+            )));
+        }
+        std::fs::create_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
+        let mut guard = StartGuard {
+            dir: dir.root().to_path_buf(),
+            procs: Vec::new(),
+            armed: true,
+        };
+
+        let (want, cache) = (cfg.accel, cfg.accel_cache_dir.clone());
+        let accel = tokio::task::spawn_blocking(move || accel::resolve(want, &cache))
+            .await
+            .map_err(|e| Error::Sys("accel probe", std::io::Error::other(e)))??;
+        let kernel_vsock = accel == ResolvedAccel::Kvm && Path::new("/dev/vhost-vsock").exists();
+        let port = vessel_proto::AGENT_VSOCK_PORT;
+        let (vsock, agent_addr) = if kernel_vsock {
+            let cid = cid_for(&cfg.id);
+            (VsockDevice::Kernel { cid }, VsockAddr::Kernel { cid, port })
+        } else {
+            (
+                VsockDevice::VhostUser {
+                    socket: dir.vsock_socket(),
+                },
+                VsockAddr::Hybrid {
+                    path: dir.vsock_hybrid(),
+                    port,
+                },
+            )
+        };
+        let mut state = VmState {
+            version: STATE_VERSION,
+            id: cfg.id.clone(),
+            hypervisor: hv.name().into(),
+            accel,
+            agent: agent_addr.clone(),
+            vmm: None,
+            virtiofsd: None,
+            vsock_helper: None,
+            agent_call_timeout_ms: cfg.timeouts.agent_call.as_millis() as u64,
+            shutdown_timeout_ms: cfg.timeouts.shutdown.as_millis() as u64,
+        };
+        state.save(&dir.state())?;
+
+        let ready = cfg.timeouts.helper_ready;
+        // Each process is recorded (guard + state file) before anything waits on it,
+        // so a cancelled or failed start never loses track of one.
+        let virtiofsd = helpers::spawn_virtiofsd(&cfg.binaries, &dir, &cfg.share_dir)?;
+        guard.procs.push(virtiofsd.clone());
+        state.virtiofsd = Some(virtiofsd.id());
+        state.save(&dir.state())?;
+        let (fs_sock, fs_log) = (dir.fs_socket(), dir.fs_log());
+        helpers::wait_for_socket(&virtiofsd, &fs_sock, "virtiofsd", &fs_log, ready).await?;
+
+        let vsock_helper = if kernel_vsock {
+            None
+        } else {
+            let p = helpers::spawn_vsock_helper(&cfg.binaries, &dir)?;
+            guard.procs.push(p.clone());
+            state.vsock_helper = Some(p.id());
+            state.save(&dir.state())?;
+            let (sock, log) = (dir.vsock_socket(), dir.vsock_log());
+            helpers::wait_for_socket(&p, &sock, "vhost-device-vsock", &log, ready).await?;
+            Some(p)
+        };
+
+        let t_vmm = Instant::now();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel,
+            dir: &dir,
+            vsock,
+            fs_socket: &dir.fs_socket(),
+            tsc_khz: crate::tsc::host_tsc_khz(),
+        };
+        let vmm = hv.spawn(&spec)?;
+        guard.procs.push(vmm.clone());
+        state.vmm = Some(vmm.id());
+        state.save(&dir.state())?;
+        hv.wait_ready(&spec, &vmm).await?;
+
+        let agent = wait_for_agent(
+            &agent_addr,
+            cfg.timeouts.agent_call,
+            &vmm,
+            &dir,
+            cfg.timeouts.boot,
+        )
+        .await?;
+        let boot_timing = BootTiming {
+            helpers: t_vmm - t0,
+            vmm_to_agent: t_vmm.elapsed(),
+            total: t0.elapsed(),
+        };
+        tracing::info!(id = %cfg.id, ?accel, ?boot_timing, "pod VM ready");
+        guard.armed = false;
+        Ok(Self::assemble(
+            cfg.id,
+            dir,
+            hv,
+            accel,
+            vmm,
+            Some(virtiofsd),
+            vsock_helper,
+            agent,
+            cfg.timeouts.shutdown,
+            Some(boot_timing),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        id: String,
+        dir: RunDir,
+        hypervisor: Arc<dyn Hypervisor>,
+        accel: ResolvedAccel,
+        vmm: Proc,
+        virtiofsd: Option<Proc>,
+        vsock_helper: Option<Proc>,
+        agent: AgentClient,
+        shutdown_timeout: Duration,
+        boot_timing: Option<BootTiming>,
+    ) -> Self {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (tx, exit) = watch::channel(None);
+        let supervisor = {
+            let (vmm, stopping, id) = (vmm.clone(), stopping.clone(), id.clone());
+            let helpers: Vec<Proc> = vsock_helper
+                .iter()
+                .chain(virtiofsd.iter())
+                .cloned()
+                .collect();
+            tokio::spawn(async move {
+                vmm.exited().await;
+                let how = if stopping.load(Ordering::SeqCst) {
+                    VmExit::Requested
+                } else {
+                    tracing::warn!(%id, pid = vmm.pid(), "pod VM exited unexpectedly");
+                    // The helpers are useless without the VM (and vhost-device-vsock
+                    // would linger forever): stop them now.
+                    for h in &helpers {
+                        h.terminate(HELPER_GRACE).await;
+                    }
+                    VmExit::Unexpected
+                };
+                let _ = tx.send(Some(how));
+            })
+        };
+        Self {
+            id,
+            dir,
+            hypervisor,
+            accel,
+            vmm,
+            virtiofsd,
+            vsock_helper,
+            agent,
+            shutdown_timeout,
+            stopping,
+            exit,
+            supervisor,
+            boot_timing,
+        }
+    }
+
+    /// Finds a VM started earlier (possibly by another vesseld process) from its run
+    /// dir and checks that its agent answers.
+    pub async fn reconnect(run_dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = RunDir::new(run_dir.as_ref())?;
+        let state = VmState::load(&dir.state())?;
+        let hv = hypervisor::by_name(&state.hypervisor).ok_or_else(|| Error::State {
+            path: dir.state(),
+            reason: format!("unknown hypervisor {:?}", state.hypervisor),
+        })?;
+        let vmm = state.vmm.and_then(Proc::find).ok_or(Error::NotRunning)?;
+        let find_helper = |id: Option<ProcId>, name: &str| -> Result<Option<Proc>> {
+            match id {
+                None => Ok(None),
+                Some(id) => Proc::find(id)
+                    .map(Some)
+                    .ok_or_else(|| Error::died(name, &[])),
+            }
+        };
+        let virtiofsd = find_helper(state.virtiofsd, "virtiofsd")?;
+        let vsock_helper = find_helper(state.vsock_helper, "vhost-device-vsock")?;
+        let agent = AgentClient::new(
+            state.agent.clone(),
+            Duration::from_millis(state.agent_call_timeout_ms),
+        );
+        agent.health().await?;
+        Ok(Self::assemble(
+            state.id,
+            dir,
+            hv,
+            state.accel,
+            vmm,
+            virtiofsd,
+            vsock_helper,
+            agent,
+            Duration::from_millis(state.shutdown_timeout_ms),
+            None,
+        ))
+    }
+
+    /// Kills whatever a run dir's state file records and removes the dir. For VMs
+    /// that cannot be reconnected (or a start interrupted by a vesseld crash).
+    /// A missing dir is not an error.
+    pub async fn destroy(run_dir: impl AsRef<Path>) -> Result<()> {
+        let root = run_dir.as_ref();
+        let dir = RunDir::new(root)?;
+        if let Ok(state) = VmState::load(&dir.state()) {
+            for id in [state.vmm, state.vsock_helper, state.virtiofsd]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(p) = Proc::find(id) {
+                    p.kill().await;
+                }
+            }
+        }
+        remove_dir(root);
+        Ok(())
+    }
+
+    /// Pod id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The run dir.
+    pub fn run_dir(&self) -> &Path {
+        self.dir.root()
+    }
+    /// Guest serial console log (inside the run dir).
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.console_log()
+    }
+    /// The accelerator in use.
+    pub fn accel(&self) -> ResolvedAccel {
+        self.accel
+    }
+    /// Host pid of the VMM.
+    pub fn vmm_pid(&self) -> i32 {
+        self.vmm.pid()
+    }
+    /// Host pids: the VMM, virtiofsd, then vhost-device-vsock (when used).
+    pub fn pids(&self) -> Vec<i32> {
+        std::iter::once(&self.vmm)
+            .chain(self.virtiofsd.iter())
+            .chain(self.vsock_helper.iter())
+            .map(Proc::pid)
+            .collect()
+    }
+    /// The agent client.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+    /// Timings of `start` (None after `reconnect`).
+    pub fn boot_timing(&self) -> Option<BootTiming> {
+        self.boot_timing
+    }
+    /// True while the VMM process lives.
+    pub fn is_running(&self) -> bool {
+        !self.vmm.has_exited()
+    }
+    /// Turns `Some` when the VMM exits (noticed within milliseconds via its pidfd).
+    pub fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exit.clone()
+    }
+    /// Resolves when the VMM has exited (and, for an unexpected exit, the helpers
+    /// have been stopped).
+    pub async fn wait_exit(&self) -> VmExit {
+        let mut rx = self.exit.clone();
+        let how = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(VmExit::Unexpected),
+            Err(_) => VmExit::Unexpected,
+        };
+        how
+    }
+    /// True while the guest CPU runs, per the hypervisor (QMP query-status).
+    pub async fn guest_running(&self) -> Result<bool> {
+        self.hypervisor.is_running(&self.dir).await
+    }
+
+    /// Stops the VM and removes everything it left on the host. Graceful first
+    /// (agent Shutdown, `shutdown` timeout), then the hypervisor's quit, then
+    /// SIGKILL; then the helpers. Safe to call again and after a crash.
+    pub async fn stop(&self) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        if !self.vmm.has_exited() {
+            let grace = self.shutdown_timeout;
+            let graceful = async {
+                // The agent may power off before it answers: errors are expected.
+                let _ = tokio::time::timeout(grace, self.agent.shutdown(pb::Empty {})).await;
+                self.vmm.exited().await;
+            };
+            if tokio::time::timeout(grace, graceful).await.is_err() {
+                tracing::warn!(id = %self.id, "guest did not power off in {grace:?}; quitting QEMU");
+                if let Err(e) = self.hypervisor.quit(&self.dir).await {
+                    tracing::warn!(id = %self.id, "quit: {e}");
+                }
+                if tokio::time::timeout(QUIT_GRACE, self.vmm.exited())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(id = %self.id, "VMM still alive; SIGKILL");
+                    self.vmm.kill().await;
+                }
+            }
+        }
+        for h in self.vsock_helper.iter().chain(self.virtiofsd.iter()) {
+            h.terminate(HELPER_GRACE).await;
+        }
+        let _ = self.wait_exit().await;
+        remove_dir(self.dir.root());
+        Ok(())
+    }
+}
+
+impl Drop for PodVm {
+    fn drop(&mut self) {
+        // The VM itself is detached and outlives this handle (reconnect finds it).
+        self.supervisor.abort();
+    }
+}
+
+/// Polls Health until it answers, the VMM exits, or `limit` passes.
+/// Each attempt dials a fresh connection: a connection made while the guest was
+/// still starting has been seen to stall for good (so reusing it never recovers).
+/// Returns the client whose connection answered.
+async fn wait_for_agent(
+    addr: &VsockAddr,
+    call_timeout: Duration,
+    vmm: &Proc,
+    dir: &RunDir,
+    limit: Duration,
+) -> Result<AgentClient> {
+    let deadline = Instant::now() + limit;
+    let poll = async {
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let agent = AgentClient::new(addr.clone(), call_timeout);
+            match agent.health_within(HEALTH_ATTEMPT).await {
+                Ok(_) => {
+                    tracing::debug!(attempts, "agent ready");
+                    return Ok(agent);
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Error::AgentNotReady {
+                        limit,
+                        last_error: e.to_string(),
+                        log_tail: crate::error::tail(&dir.console_log(), 30),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(attempts, "agent not ready: {e:?}");
+                    tokio::time::sleep(HEALTH_POLL).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = poll => r,
+        _ = vmm.exited() => Err(Error::died("the VM", &[&dir.qemu_log(), &dir.console_log()])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_shareable() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<PodVm>();
+        send_sync::<AgentClient>();
+    }
+
+    #[test]
+    fn cids_are_valid() {
+        for id in ["a", "b", "pod-123", ""] {
+            let c = cid_for(id);
+            assert!((3..u32::MAX).contains(&c));
+        }
+        assert_eq!(cid_for("x"), cid_for("x"));
+    }
+}
