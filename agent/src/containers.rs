@@ -1,0 +1,557 @@
+//! The guest's containers and their processes: create/start/exec via the libcontainer
+//! helper (see `oci`), exits from the reaper, stdio, signals, removal.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use crate::cgroup;
+use crate::oci;
+use crate::reaper::{Exit, Reaper};
+use crate::spec;
+use crate::stdio::{self, Stdio};
+
+/// Per-container working dirs (bundle, pid files, console sockets).
+const RUN_DIR: &str = "/run/vessel/containers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container {0} not found")]
+    NoContainer(String),
+    #[error("process {1:?} of container {0} not found")]
+    NoProcess(String, String),
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("container {0} is not in a state for this ({1})")]
+    State(String, &'static str),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<nix::Error> for Error {
+    fn from(e: nix::Error) -> Self {
+        Error::Io(e.into())
+    }
+}
+
+/// One process (the main one or an exec).
+pub struct Process {
+    pub pid: i32,
+    pub stdio: Stdio,
+    pub started_at_ns: Mutex<i64>,
+    exit: watch::Receiver<Option<(Exit, bool)>>,
+}
+
+impl Process {
+    /// Waits for the exit: (exit, oom_killed).
+    pub async fn wait(&self) -> (Exit, bool) {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // Sender gone without an exit: cannot happen (the task sends first).
+                return (
+                    Exit {
+                        code: 255,
+                        signal: None,
+                        at_unix_ns: crate::clock::unix_ns(),
+                    },
+                    false,
+                );
+            }
+        }
+    }
+
+    pub fn exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Exited,
+}
+
+pub struct Container {
+    pub id: String,
+    dir: PathBuf,
+    pub cgroup: PathBuf,
+    /// Rootfs overlay the agent mounted (unmounted on removal).
+    overlay: Option<PathBuf>,
+    pub rootfs_upper: Option<PathBuf>,
+    started: Mutex<bool>,
+    pub main: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    pub fn state(&self) -> State {
+        if self.main.exited() {
+            State::Exited
+        } else if *self.started.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Running
+        } else {
+            State::Created
+        }
+    }
+}
+
+/// What CreateContainer asks for.
+pub struct CreateRequest {
+    pub id: String,
+    pub spec_json: Vec<u8>,
+    pub rootfs: String,
+    pub overlay_lower: Vec<String>,
+    pub overlay_upper: String,
+    pub overlay_work: String,
+    pub stdin: bool,
+    pub stdin_once: bool,
+    pub share_pid_with: String,
+    pub share_ipc_with: String,
+}
+
+#[derive(Clone)]
+pub struct Containers {
+    map: Arc<Mutex<HashMap<String, Arc<Container>>>>,
+    reaper: Reaper,
+    /// Serializes libcontainer helpers (they share its state dir).
+    helper_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c))
+}
+
+impl Containers {
+    pub fn new(reaper: Reaper) -> Self {
+        Self {
+            map: Arc::default(),
+            reaper,
+            helper_lock: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Container>, Error> {
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NoContainer(id.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Container>> {
+        let mut v: Vec<_> = self.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, Error> {
+        let c = self.get(id)?;
+        if exec_id.is_empty() {
+            return Ok(c.main.clone());
+        }
+        let execs = c.execs.lock().unwrap_or_else(|e| e.into_inner());
+        execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NoProcess(id.into(), exec_id.into()))
+    }
+
+    /// Runs the libcontainer helper to completion; its stderr becomes the error text.
+    async fn helper(
+        &self,
+        args: &[&str],
+        stdio: Option<[OwnedFd; 3]>,
+        log: &Path,
+    ) -> Result<Instant, Error> {
+        let _guard = self.helper_lock.lock().await;
+        let exe = std::env::current_exe()?;
+        let logf = std::fs::File::create(log)?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg(oci::HELPER_ARG)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(logf);
+        if let Some(fds) = &stdio {
+            let raw = fds.each_ref().map(|f| f.as_raw_fd());
+            // SAFETY: the closure only calls dup2/fcntl, async-signal-safe, on fds that
+            // stay open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Move the sources above the targets first so no dup2 clobbers one.
+                    let mut high = [0; 3];
+                    for (i, fd) in raw.iter().enumerate() {
+                        high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                        if high[i] < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    for (i, target) in oci::STDIO_FDS.iter().enumerate() {
+                        if libc::dup2(high[i], *target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let since = Instant::now();
+        let (_child, rx) = self.reaper.spawn(&mut cmd)?;
+        // Our copies of the child's ends must close, or readers never see EOF.
+        // Our copies of the child's ends must close, or readers never see EOF.
+        drop(stdio);
+        let exit = rx
+            .await
+            .map_err(|_| Error::Runtime("helper exit lost".into()))?;
+        if exit.code != 0 {
+            let msg = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(Error::Runtime(format!(
+                "{} failed ({}): {}",
+                args[0],
+                exit.code,
+                msg.trim()
+            )));
+        }
+        Ok(since)
+    }
+
+    /// Watches `pid` (created at/after `since`) and publishes its exit.
+    fn watch_exit(
+        &self,
+        pid: i32,
+        since: Instant,
+        cgroup: Option<PathBuf>,
+    ) -> watch::Receiver<Option<(Exit, bool)>> {
+        let rx = self.reaper.lock().register(pid, since);
+        let (tx, wrx) = watch::channel(None);
+        let oom_before = cgroup.as_deref().map(cgroup::oom_kills).unwrap_or(0);
+        tokio::spawn(async move {
+            let exit = rx.await.unwrap_or(Exit {
+                code: 255,
+                signal: None,
+                at_unix_ns: crate::clock::unix_ns(),
+            });
+            let oom = cgroup
+                .as_deref()
+                .map(|c| cgroup::oom_kills(c) > oom_before)
+                .unwrap_or(false);
+            let _ = tx.send(Some((exit, oom)));
+        });
+        wrx
+    }
+
+    pub async fn create(&self, req: CreateRequest) -> Result<(), Error> {
+        if !valid_id(&req.id) {
+            return Err(Error::InvalidArgument(format!(
+                "bad container id {:?}",
+                req.id
+            )));
+        }
+        if self.lock().contains_key(&req.id) {
+            return Err(Error::Exists(req.id));
+        }
+        if req.rootfs.is_empty() {
+            return Err(Error::InvalidArgument("rootfs.path is empty".into()));
+        }
+        let ns_path = |other: &str, kind: &str| -> Result<Option<String>, Error> {
+            if other.is_empty() {
+                return Ok(None);
+            }
+            let c = self.get(other)?;
+            Ok(Some(format!("/proc/{}/ns/{kind}", c.main.pid)))
+        };
+        let adj = spec::Adjust {
+            container_id: req.id.clone(),
+            rootfs: req.rootfs.clone(),
+            pid_ns_path: ns_path(&req.share_pid_with, "pid")?,
+            ipc_ns_path: ns_path(&req.share_ipc_with, "ipc")?,
+        };
+        let spec = spec::prepare(&req.spec_json, &adj)?;
+        let tty = spec::tty_size(spec.process().as_ref());
+
+        let dir = PathBuf::from(RUN_DIR).join(&req.id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let overlay = if req.overlay_lower.is_empty() {
+            None
+        } else {
+            crate::mounts::mount_overlay(
+                &req.rootfs,
+                &req.overlay_lower,
+                &req.overlay_upper,
+                &req.overlay_work,
+            )?;
+            Some(PathBuf::from(&req.rootfs))
+        };
+        let result = self.create_inner(&req, &dir, spec, tty).await;
+        match result {
+            Ok((main, since)) => {
+                let cgroup = cgroup::path(&req.id);
+                let exit = self.watch_exit(main.0, since, Some(cgroup.clone()));
+                let process = Arc::new(Process {
+                    pid: main.0,
+                    stdio: main.1,
+                    started_at_ns: Mutex::new(0),
+                    exit,
+                });
+                let c = Arc::new(Container {
+                    id: req.id.clone(),
+                    dir,
+                    cgroup,
+                    overlay,
+                    rootfs_upper: (!req.overlay_upper.is_empty())
+                        .then(|| PathBuf::from(&req.overlay_upper)),
+                    started: Mutex::new(false),
+                    main: process,
+                    execs: Mutex::default(),
+                });
+                self.lock().insert(req.id, c);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self
+                    .helper(&["delete", &req.id], None, &dir.join("delete.log"))
+                    .await;
+                if let Some(o) = &overlay {
+                    crate::mounts::unmount(o);
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        req: &CreateRequest,
+        dir: &Path,
+        spec: oci_spec::runtime::Spec,
+        tty: Option<(u16, u16)>,
+    ) -> Result<((i32, Stdio), Instant), Error> {
+        let bundle = dir.join("bundle");
+        std::fs::create_dir_all(&bundle)?;
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec(&spec).map_err(spec::SpecError::Json)?,
+        )?;
+        let pid_file = dir.join("main.pid");
+        self.launch(
+            &["create", &req.id, path_str(&bundle)?, path_str(&pid_file)?],
+            dir,
+            "main",
+            tty,
+            req.stdin,
+            req.stdin_once,
+        )
+        .await
+    }
+
+    /// Runs a create/exec helper with the right stdio; returns (pid, stdio), since.
+    async fn launch(
+        &self,
+        args: &[&str],
+        dir: &Path,
+        name: &str,
+        tty: Option<(u16, u16)>,
+        stdin: bool,
+        stdin_once: bool,
+    ) -> Result<((i32, Stdio), Instant), Error> {
+        let pid_file = PathBuf::from(args[3]);
+        let log = dir.join(format!("{name}.log"));
+        if let Some((width, height)) = tty {
+            let sock = dir.join(format!("{name}.console"));
+            let listener = stdio::console_listener(&sock)?;
+            let mut a: Vec<&str> = args.to_vec();
+            a.push(path_str(&sock)?);
+            a.push("0");
+            // Take the pty master while the helper still runs: an exec'd process starts
+            // as soon as the helper returns, and must find its console size already set.
+            let receiver = tokio::spawn(stdio::receive_pty(listener, width, height));
+            let since = match self.helper(&a, None, &log).await {
+                Ok(since) => since,
+                Err(e) => {
+                    receiver.abort();
+                    let _ = std::fs::remove_file(&sock);
+                    return Err(e);
+                }
+            };
+            let master = receiver
+                .await
+                .map_err(|e| std::io::Error::other(format!("pty receiver: {e}")))??;
+            let _ = std::fs::remove_file(&sock);
+            let pid = read_pid(&pid_file)?;
+            Ok(((pid, Stdio::pty(master, stdin, stdin_once)?), since))
+        } else {
+            let (s, ends) = Stdio::pipes(stdin, stdin_once)?;
+            let mut a: Vec<&str> = args.to_vec();
+            a.push("");
+            a.push("1");
+            let since = self.helper(&a, Some(ends.fds), &log).await?;
+            let pid = read_pid(&pid_file)?;
+            Ok(((pid, s), since))
+        }
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), Error> {
+        let c = self.get(id)?;
+        if c.state() != State::Created {
+            return Err(Error::State(id.into(), "start"));
+        }
+        self.helper(&["start", id], None, &c.dir.join("start.log"))
+            .await?;
+        *c.main
+            .started_at_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = crate::clock::unix_ns();
+        *c.started.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        Ok(())
+    }
+
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdin: bool,
+    ) -> Result<(), Error> {
+        let c = self.get(id)?;
+        if !valid_id(exec_id) {
+            return Err(Error::InvalidArgument(format!("bad exec id {exec_id:?}")));
+        }
+        if c.state() != State::Running {
+            return Err(Error::State(id.into(), "exec"));
+        }
+        if c.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(exec_id)
+        {
+            return Err(Error::Exists(format!("{id}/{exec_id}")));
+        }
+        let process = spec::parse_process(process_json)?;
+        let tty = spec::tty_size(Some(&process));
+        let name = format!("exec-{exec_id}");
+        let pjson = c.dir.join(format!("{name}.json"));
+        std::fs::write(&pjson, process_json)?;
+        let pid_file = c.dir.join(format!("{name}.pid"));
+        let ((pid, s), since) = self
+            .launch(
+                &["exec", id, path_str(&pjson)?, path_str(&pid_file)?],
+                &c.dir,
+                &name,
+                tty,
+                stdin,
+                false,
+            )
+            .await?;
+        let exit = self.watch_exit(pid, since, None);
+        let p = Arc::new(Process {
+            pid,
+            stdio: s,
+            started_at_ns: Mutex::new(crate::clock::unix_ns()),
+            exit,
+        });
+        c.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(exec_id.to_string(), p);
+        Ok(())
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, sig: i32, all: bool) -> Result<(), Error> {
+        let c = self.get(id)?;
+        let signal = Signal::try_from(sig)
+            .map_err(|_| Error::InvalidArgument(format!("bad signal {sig}")))?;
+        if all {
+            for pid in cgroup::procs(&c.cgroup) {
+                let _ = kill(Pid::from_raw(pid), signal);
+            }
+            return Ok(());
+        }
+        let p = self.process(id, exec_id)?;
+        if p.exited() {
+            return Ok(());
+        }
+        match kill(Pid::from_raw(p.pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Kills everything in the container and frees it. Unknown ids succeed (idempotent).
+    pub async fn remove(&self, id: &str) -> Result<(), Error> {
+        let Ok(c) = self.get(id) else { return Ok(()) };
+        cgroup::kill_all(&c.cgroup);
+        if !c.main.exited() {
+            let _ = kill(Pid::from_raw(c.main.pid), Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.main.wait()).await;
+        }
+        self.helper(&["delete", id], None, &c.dir.join("delete.log"))
+            .await?;
+        if let Some(o) = &c.overlay {
+            crate::mounts::unmount(o);
+        }
+        let _ = std::fs::remove_dir_all(&c.dir);
+        self.lock().remove(id);
+        Ok(())
+    }
+
+    /// SIGKILLs every container's processes (shutdown).
+    pub fn kill_all(&self) {
+        for c in self.list() {
+            cgroup::kill_all(&c.cgroup);
+            let _ = kill(Pid::from_raw(c.main.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str, Error> {
+    p.to_str()
+        .ok_or_else(|| Error::InvalidArgument(format!("non-UTF-8 path {}", p.display())))
+}
+
+fn read_pid(path: &Path) -> Result<i32, Error> {
+    let s = std::fs::read_to_string(path)?;
+    s.trim()
+        .parse()
+        .map_err(|_| Error::Runtime(format!("bad pid file {}: {s:?}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("abc-1_2.3+x"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(".."));
+        assert!(!valid_id("a/b"));
+    }
+}
