@@ -7,7 +7,7 @@ APT_PACKAGES=(
   build-essential pkg-config protobuf-compiler  # Rust crates: k8s-cri/proto codegen
   libseccomp-dev libcap-ng-dev                  # virtiofsd, vessel-agent (seccomp)
   qemu-system-x86                               # the pod VM
-  busybox-static cpio kmod zstd                 # guest image + test images
+  busybox-static cpio kmod zstd lz4 xz-utils    # guest image + test images
   docker-registry                               # test registry (distribution v2)
   containernetworking-plugins iproute2 iptables # CNI
 )

@@ -1,3 +1,111 @@
-//! vesseld: the CRI v1 gRPC server of vessel
+//! vesseld: the CRI v1 gRPC server of vessel.
 
-fn main() {}
+mod calllog;
+mod config;
+mod containers;
+mod crilog;
+mod images;
+mod instance;
+mod logging;
+mod oci;
+mod passwd;
+mod pods;
+mod runtime;
+mod server;
+mod status;
+mod store;
+mod views;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigSource, Overrides, DEFAULT_CONFIG_FILE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vesseld",
+    version,
+    about = "vessel: a CRI runtime that runs each pod in a VM"
+)]
+struct Cli {
+    /// Config file; its drop-ins are read from <its dir>/vessel.d/*.toml.
+    /// [default: /etc/vessel/vessel.toml, which may be absent]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// CRI socket path (overrides `listen`).
+    #[arg(long, global = true, value_name = "PATH")]
+    listen: Option<PathBuf>,
+    /// Persistent state dir (overrides `root`).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Volatile state dir (overrides `run_root`).
+    #[arg(long, global = true, value_name = "DIR")]
+    run_root: Option<PathBuf>,
+    /// Log filter, e.g. `debug` or `info,vesseld=debug` (overrides `log_level`).
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format (overrides `log_format`).
+    #[arg(long, global = true)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the effective configuration (files, drop-ins and flags merged) as TOML.
+    Config,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let source = match &cli.config {
+        Some(file) => ConfigSource {
+            file: file.clone(),
+            required: true,
+        },
+        None => ConfigSource {
+            file: DEFAULT_CONFIG_FILE.into(),
+            required: false,
+        },
+    };
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        root: cli.root.clone(),
+        run_root: cli.run_root.clone(),
+        log_level: cli.log_level.clone(),
+        log_format: cli.log_format.map(|f| match f {
+            LogFormatArg::Text => "text".to_owned(),
+            LogFormatArg::Json => "json".to_owned(),
+        }),
+    };
+    let config = match config::load(&source, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vesseld: invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Config) = cli.command {
+        print!("{}", config.to_toml());
+        return std::process::ExitCode::SUCCESS;
+    }
+    if let Err(e) = logging::init(&config) {
+        eprintln!("vesseld: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match server::run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("vesseld failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

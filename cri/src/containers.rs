@@ -1,0 +1,720 @@
+//! The container side of the runtime: CRI config → rootfs + volumes + OCI spec →
+//! agent; exits (agent WaitProcess) → records; output (agent ReadOutput) → CRI logs.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use prost::Message as _;
+use tokio::sync::watch;
+use tonic::Status;
+use vessel_proto::agent as pb;
+use vessel_proto::GUEST_SHARE_DIR;
+use vessel_sandbox::AgentClient;
+use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
+
+use crate::crilog::{CriLog, LineSplitter, Stream};
+use crate::oci::{self, GuestMount, SpecInput};
+use crate::pods::{now_ns, store_status, Engine, LiveCtr, LivePod};
+use crate::status::image_status;
+use crate::store::{new_id, ContainerRecord, ContainerState, PodState, StoreError};
+
+/// Where the guest assembles container root filesystems (guest tmpfs).
+const GUEST_ROOTFS_DIR: &str = "/run/vessel/rootfs";
+/// How long an exit waits for its output to reach the log file.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed container may take to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(15);
+
+fn agent_status(what: &str, e: vessel_sandbox::Error) -> Status {
+    match e {
+        vessel_sandbox::Error::Agent(s) => {
+            Status::new(s.code(), format!("{what}: {}", s.message()))
+        }
+        e => Status::internal(format!("{what}: {e}")),
+    }
+}
+
+fn signal_number(name: &str) -> Result<i32, Status> {
+    if name.is_empty() {
+        return Ok(libc::SIGTERM);
+    }
+    if let Ok(n) = name.parse::<i32>() {
+        return Ok(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    nix::sys::signal::Signal::from_str(&full)
+        .map(|s| s as i32)
+        .map_err(|_| Status::invalid_argument(format!("unknown stop signal {name:?}")))
+}
+
+impl Engine {
+    fn ready_pod(&self, pod_id: &str) -> Result<Arc<LivePod>, Status> {
+        let pod = self.store.pod(pod_id).map_err(store_status)?;
+        match (pod.state, self.live_pod(&pod.id)) {
+            (PodState::Ready, Some(live)) => Ok(live),
+            _ => Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready (stopped, or its VM is gone)",
+                pod.id
+            ))),
+        }
+    }
+
+    pub async fn create_container(
+        &self,
+        req: cri::CreateContainerRequest,
+    ) -> Result<String, Status> {
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("CreateContainer: config is missing"))?;
+        let meta = config
+            .metadata
+            .clone()
+            .filter(|m| !m.name.is_empty())
+            .ok_or_else(|| Status::invalid_argument("CreateContainer: metadata.name is missing"))?;
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| Status::invalid_argument("CreateContainer: image is missing"))?;
+        let pod = self.store.pod(&req.pod_sandbox_id).map_err(store_status)?;
+        let _guard = self.lock_pod(&pod.id).await;
+        let live = self.ready_pod(&pod.id)?;
+        let pod_config = req
+            .sandbox_config
+            .clone()
+            .unwrap_or_else(|| Engine::pod_config(&pod));
+
+        // The image and its layers.
+        let images = self.images.clone();
+        let name = image_name.clone();
+        let (image, layers) = tokio::task::spawn_blocking(move || {
+            let image = images.resolve(&name)?;
+            let layers = match &image {
+                Some(i) => images.layer_paths(i)?,
+                None => Vec::new(),
+            };
+            Ok::<_, vessel_image::ImageError>((image, layers))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("image lookup: {e}")))?
+        .map_err(|e| image_status(&e))?;
+        let image = image.ok_or_else(|| {
+            Status::not_found(format!("image {image_name} is not present; pull it first"))
+        })?;
+        let image_config = image.config().map_err(|e| image_status(&e))?;
+        let image_cfg = image_config.config().clone();
+        let passwd = read_merged_file(&layers, "etc/passwd").unwrap_or_default();
+        let group = read_merged_file(&layers, "etc/group").unwrap_or_default();
+
+        let id = new_id();
+        let log_path = if pod_config.log_directory.is_empty() || config.log_path.is_empty() {
+            String::new()
+        } else {
+            Path::new(&pod_config.log_directory)
+                .join(&config.log_path)
+                .to_string_lossy()
+                .into_owned()
+        };
+        let image_ref = image
+            .repo_digests
+            .first()
+            .cloned()
+            .unwrap_or_else(|| image.id.clone());
+        let record = ContainerRecord {
+            id: id.clone(),
+            pod_id: pod.id.clone(),
+            name: meta.name.clone(),
+            attempt: meta.attempt,
+            labels: config.labels.clone().into_iter().collect(),
+            annotations: config.annotations.clone().into_iter().collect(),
+            image: image_name.clone(),
+            image_id: image.id.clone(),
+            image_ref,
+            log_path,
+            state: ContainerState::Created,
+            created_at_ns: now_ns(),
+            started_at_ns: 0,
+            finished_at_ns: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            config: config.encode_to_vec(),
+            stop_signal: image_cfg
+                .as_ref()
+                .and_then(|c| c.stop_signal().clone())
+                .unwrap_or_default(),
+            process_json: String::new(),
+        };
+        // Reserve the name before any work that would have to be undone.
+        self.store.add_container(record).map_err(store_status)?;
+        match self
+            .create_in_guest(
+                &id,
+                &config,
+                &pod_config,
+                &live,
+                image_cfg.as_ref(),
+                &passwd,
+                &group,
+                &layers,
+            )
+            .await
+        {
+            Ok(process_json) => {
+                self.store
+                    .update_container(&id, |c| c.process_json = process_json)
+                    .map_err(store_status)?;
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = live.share.release_container(&id);
+                let _ = self.store.remove_container(&id);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_in_guest(
+        &self,
+        id: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+        live: &LivePod,
+        image_cfg: Option<&oci_spec::image::Config>,
+        passwd: &[u8],
+        group: &[u8],
+        layers: &[std::path::PathBuf],
+    ) -> Result<String, Status> {
+        let mut mounts = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            if m.container_path.is_empty() || m.host_path.is_empty() {
+                return Err(Status::invalid_argument(
+                    "mount needs both host_path and container_path",
+                ));
+            }
+            let host = Path::new(&m.host_path);
+            if !host.exists() {
+                return Err(Status::invalid_argument(format!(
+                    "mount source {} does not exist",
+                    m.host_path
+                )));
+            }
+            let rel = live
+                .share
+                .bind_volume(id, i, host, m.readonly)
+                .map_err(|e| Status::internal(format!("volume {}: {e}", m.host_path)))?;
+            mounts.push(GuestMount {
+                destination: m.container_path.clone(),
+                source: format!("{GUEST_SHARE_DIR}/{rel}"),
+                readonly: m.readonly,
+            });
+        }
+        let pod_files = [
+            ("/etc/hosts", "hosts"),
+            ("/etc/resolv.conf", "resolv.conf"),
+            ("/etc/hostname", "hostname"),
+        ]
+        .into_iter()
+        .map(|(dest, name)| GuestMount {
+            destination: dest.into(),
+            source: format!("{GUEST_SHARE_DIR}/pod/{name}"),
+            readonly: false,
+        })
+        .collect();
+        let sc = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref());
+        let localhost_seccomp = match sc.and_then(|s| s.seccomp.as_ref()) {
+            Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
+                Some(std::fs::read_to_string(&p.localhost_ref).map_err(|e| {
+                    Status::invalid_argument(format!("seccomp profile {}: {e}", p.localhost_ref))
+                })?)
+            }
+            _ => None,
+        };
+        let passwd = String::from_utf8_lossy(passwd);
+        let group = String::from_utf8_lossy(group);
+        let spec = oci::build(&SpecInput {
+            container: config,
+            pod: pod_config,
+            image: image_cfg,
+            passwd: &passwd,
+            group: &group,
+            mounts,
+            pod_files,
+            localhost_seccomp,
+        })
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let process_json = serde_json::to_string(&spec.process())
+            .map_err(|e| Status::internal(format!("process json: {e}")))?;
+        let spec_json =
+            serde_json::to_vec(&spec).map_err(|e| Status::internal(format!("spec json: {e}")))?;
+
+        // PID/IPC "pod" namespaces: those of a running container of the pod (a VM
+        // has no pause container). PID sharing only when asked for explicitly.
+        let opts = pod_config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone());
+        let donor = self
+            .store
+            .containers_of(live.vm.id())
+            .into_iter()
+            .find(|c| c.state == ContainerState::Running && c.id != id)
+            .map(|c| c.id);
+        let pod_mode = cri::NamespaceMode::Pod as i32;
+        let share_pid = opts.as_ref().is_some_and(|o| o.pid == pod_mode);
+        let share_ipc = opts.as_ref().is_none_or(|o| o.ipc == pod_mode);
+
+        let root = format!("{GUEST_ROOTFS_DIR}/{id}");
+        let req = pb::CreateContainerRequest {
+            container_id: id.to_owned(),
+            oci_spec_json: spec_json,
+            rootfs: Some(pb::Rootfs {
+                path: format!("{root}/merged"),
+                overlay_lower: guest_lowerdirs(layers, &format!("{GUEST_SHARE_DIR}/layers")),
+                overlay_upper: format!("{root}/upper"),
+                overlay_work: format!("{root}/work"),
+            }),
+            stdin: config.stdin,
+            stdin_once: config.stdin_once,
+            share_pid_ns_with: donor.clone().filter(|_| share_pid).unwrap_or_default(),
+            share_ipc_ns_with: donor.filter(|_| share_ipc).unwrap_or_default(),
+        };
+        live.vm
+            .agent()
+            .create_container(req)
+            .await
+            .map_err(|e| agent_status("agent CreateContainer", e))?;
+        Ok(process_json)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let c = self.store.container(id).map_err(store_status)?;
+        let _guard = self.lock_pod(&c.pod_id).await;
+        let c = self.store.container(&c.id).map_err(store_status)?;
+        if c.state != ContainerState::Created {
+            return Err(Status::failed_precondition(format!(
+                "container {} is {:?}, not CREATED",
+                c.id, c.state
+            )));
+        }
+        let live = self.ready_pod(&c.pod_id)?;
+        live.vm
+            .agent()
+            .start_container(pb::ContainerRef {
+                container_id: c.id.clone(),
+            })
+            .await
+            .map_err(|e| agent_status("agent StartContainer", e))?;
+        self.store
+            .update_container(&c.id, |c| {
+                c.state = ContainerState::Running;
+                c.started_at_ns = now_ns();
+            })
+            .map_err(store_status)?;
+        self.follow_container(&live, &c.id, &c.log_path).await;
+        Ok(())
+    }
+
+    /// Starts the log pumps and the exit watcher of a running container.
+    pub async fn follow_container(&self, live: &Arc<LivePod>, id: &str, log_path: &str) {
+        let log = if log_path.is_empty() {
+            None
+        } else {
+            match CriLog::open(Path::new(log_path)) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) => {
+                    tracing::warn!(container = %id, path = log_path, error = %e, "cannot open the log file; output is discarded");
+                    None
+                }
+            }
+        };
+        let agent = live.vm.agent().clone();
+        let mut pumps = Vec::new();
+        for (stream, which) in [
+            (Stream::Stdout, pb::OutputStream::Stdout),
+            (Stream::Stderr, pb::OutputStream::Stderr),
+        ] {
+            pumps.push(tokio::spawn(pump(
+                agent.clone(),
+                id.to_owned(),
+                which,
+                stream,
+                log.clone(),
+            )));
+        }
+        let (tx, rx) = watch::channel(false);
+        self.ctrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), Arc::new(LiveCtr { log, exited: rx }));
+        let store = self.store.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let status = loop {
+                match agent.wait_process(&id, "").await {
+                    Ok(s) => break Some(s),
+                    Err(e) => {
+                        // A transport hiccup: retry while the container is still ours
+                        // and unfinished; the VM watcher handles a dead VM.
+                        match store.container(&id) {
+                            Ok(c) if c.state == ContainerState::Running => {
+                                tracing::debug!(container = %id, error = %e, "WaitProcess failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            _ => break None,
+                        }
+                    }
+                }
+            };
+            if let Some(s) = status {
+                // Let the output reach the log before the exit is visible.
+                for p in pumps {
+                    let _ = tokio::time::timeout(LOG_DRAIN, p).await;
+                }
+                let res = store.update_container(&id, |c| {
+                    c.state = ContainerState::Exited;
+                    c.exit_code = s.exit_code;
+                    // The guest clock is not the host's: only its durations count.
+                    let ran = s.exited_at_unix_ns - s.started_at_unix_ns;
+                    c.finished_at_ns = if s.started_at_unix_ns > 0 && ran >= 0 {
+                        c.started_at_ns + ran
+                    } else {
+                        now_ns()
+                    };
+                    c.reason = if s.oom_killed {
+                        "OOMKilled"
+                    } else if s.exit_code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    }
+                    .into();
+                });
+                if let Err(e) = res {
+                    if !matches!(
+                        e,
+                        StoreError::NotFound { .. } | StoreError::BadTransition { .. }
+                    ) {
+                        tracing::warn!(container = %id, error = %e, "cannot record the exit");
+                    }
+                }
+            }
+            let _ = tx.send(true);
+        });
+    }
+
+    pub async fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), Status> {
+        let c = match self.store.container(id) {
+            Ok(c) => c,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_status(e)),
+        };
+        if c.state != ContainerState::Running {
+            if c.state == ContainerState::Created {
+                let _ = self.store.update_container(&c.id, |c| {
+                    c.state = ContainerState::Exited;
+                    c.finished_at_ns = now_ns();
+                    c.reason = "Error".into();
+                    c.message = "stopped before it was started".into();
+                });
+            }
+            return Ok(());
+        }
+        let Some(live) = self.live_pod(&c.pod_id) else {
+            return Ok(());
+        };
+        let Some(ctr) = self.live_ctr(&c.id) else {
+            return Ok(());
+        };
+        let agent = live.vm.agent();
+        let mut exited = ctr.exited.clone();
+        if timeout_s > 0 {
+            let sig = signal_number(&c.stop_signal)?;
+            let _ = agent
+                .signal_process(pb::SignalProcessRequest {
+                    container_id: c.id.clone(),
+                    exec_id: String::new(),
+                    signal: sig as u32,
+                    all: false,
+                })
+                .await;
+            let grace = Duration::from_secs(timeout_s as u64);
+            if tokio::time::timeout(grace, exited.wait_for(|d| *d))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        agent
+            .signal_process(pb::SignalProcessRequest {
+                container_id: c.id.clone(),
+                exec_id: String::new(),
+                signal: libc::SIGKILL as u32,
+                all: true,
+            })
+            .await
+            .map_err(|e| agent_status("agent SignalProcess", e))?;
+        tokio::time::timeout(KILL_WAIT, exited.wait_for(|d| *d))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "container {} did not exit {KILL_WAIT:?} after SIGKILL",
+                    c.id
+                ))
+            })?
+            .map_err(|_| Status::internal("exit watcher ended"))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let c = match self.store.container(id) {
+            Ok(c) => c,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_status(e)),
+        };
+        if c.state == ContainerState::Running {
+            self.stop_container(&c.id, 0).await?;
+        }
+        if let Some(live) = self.live_pod(&c.pod_id) {
+            if let Err(e) = live
+                .vm
+                .agent()
+                .remove_container(pb::ContainerRef {
+                    container_id: c.id.clone(),
+                })
+                .await
+            {
+                let gone = matches!(&e, vessel_sandbox::Error::Agent(s) if s.code() == tonic::Code::NotFound);
+                if !gone {
+                    return Err(agent_status("agent RemoveContainer", e));
+                }
+            }
+            live.share
+                .release_container(&c.id)
+                .map_err(|e| Status::internal(format!("cannot release volumes: {e}")))?;
+        }
+        self.ctrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&c.id);
+        self.store.remove_container(&c.id).map_err(store_status)
+    }
+
+    fn running(&self, id: &str) -> Result<(ContainerRecord, Arc<LivePod>), Status> {
+        let c = self.store.container(id).map_err(store_status)?;
+        if c.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running ({:?})",
+                c.id, c.state
+            )));
+        }
+        let live = self.ready_pod(&c.pod_id)?;
+        Ok((c, live))
+    }
+
+    pub async fn exec_sync(
+        &self,
+        req: cri::ExecSyncRequest,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("ExecSync: cmd is empty"));
+        }
+        let (c, live) = self.running(&req.container_id)?;
+        let mut process: oci_spec::runtime::Process =
+            serde_json::from_str(&c.process_json).unwrap_or_default();
+        process.set_args(Some(req.cmd.clone()));
+        process.set_terminal(Some(false));
+        process.set_console_size(None);
+        let exec_id = new_id()[..16].to_owned();
+        let agent = live.vm.agent().clone();
+        agent
+            .exec_process(pb::ExecProcessRequest {
+                container_id: c.id.clone(),
+                exec_id: exec_id.clone(),
+                oci_process_json: serde_json::to_vec(&process)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                stdin: false,
+            })
+            .await
+            .map_err(|e| agent_status("agent ExecProcess", e))?;
+        let run = async {
+            let out = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stdout);
+            let err = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stderr);
+            let (out, err) = tokio::join!(out, err);
+            let status = agent
+                .wait_process(&c.id, &exec_id)
+                .await
+                .map_err(|e| agent_status("agent WaitProcess", e))?;
+            Ok::<_, Status>(cri::ExecSyncResponse {
+                stdout: out?,
+                stderr: err?,
+                exit_code: status.exit_code,
+            })
+        };
+        if req.timeout > 0 {
+            match tokio::time::timeout(Duration::from_secs(req.timeout as u64), run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = agent
+                        .signal_process(pb::SignalProcessRequest {
+                            container_id: c.id.clone(),
+                            exec_id,
+                            signal: libc::SIGKILL as u32,
+                            all: false,
+                        })
+                        .await;
+                    Err(Status::deadline_exceeded(format!(
+                        "command {:?} timed out after {}s",
+                        req.cmd, req.timeout
+                    )))
+                }
+            }
+        } else {
+            run.await
+        }
+    }
+
+    pub async fn update_resources(
+        &self,
+        req: cri::UpdateContainerResourcesRequest,
+    ) -> Result<(), Status> {
+        let c = self
+            .store
+            .container(&req.container_id)
+            .map_err(store_status)?;
+        if c.state == ContainerState::Exited {
+            return Err(Status::failed_precondition(format!(
+                "container {} has exited",
+                c.id
+            )));
+        }
+        let live = self.ready_pod(&c.pod_id)?;
+        let Some(r) = req.linux.as_ref() else {
+            return Ok(());
+        };
+        let json =
+            serde_json::to_vec(&oci::resources(r)).map_err(|e| Status::internal(e.to_string()))?;
+        live.vm
+            .agent()
+            .update_container_resources(pb::UpdateResourcesRequest {
+                container_id: c.id.clone(),
+                oci_linux_resources_json: json,
+            })
+            .await
+            .map_err(|e| agent_status("agent UpdateContainerResources", e))?;
+        // Keep the stored config in step so ContainerStatus reports the new values.
+        let mut config = cri::ContainerConfig::decode(c.config.as_slice()).unwrap_or_default();
+        config.linux.get_or_insert_with(Default::default).resources = Some(r.clone());
+        self.store
+            .update_container(&c.id, |rec| rec.config = config.encode_to_vec())
+            .map_err(store_status)?;
+        Ok(())
+    }
+
+    pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
+        let (c, _) = self.running(id)?;
+        match self.live_ctr(&c.id).and_then(|l| l.log.clone()) {
+            Some(log) => log
+                .reopen()
+                .map_err(|e| Status::internal(format!("reopen {}: {e}", log.path().display()))),
+            None => Err(Status::failed_precondition(format!(
+                "container {} has no log file",
+                c.id
+            ))),
+        }
+    }
+}
+
+/// Copies one output stream of a process into the CRI log (or drops it).
+async fn pump(
+    agent: AgentClient,
+    id: String,
+    which: pb::OutputStream,
+    stream: Stream,
+    log: Option<Arc<CriLog>>,
+) {
+    let req = pb::ReadOutputRequest {
+        container_id: id.clone(),
+        exec_id: String::new(),
+        stream: which as i32,
+    };
+    let mut s = match agent.read_output(req).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(container = %id, ?which, error = %e, "cannot read output");
+            return;
+        }
+    };
+    let mut lines = LineSplitter::default();
+    let write = |entries: Vec<_>| {
+        if let Some(log) = &log {
+            if let Err(e) = log.write(stream, &entries) {
+                tracing::warn!(container = %id, error = %e, "cannot write the log");
+            }
+        }
+    };
+    loop {
+        match s.message().await {
+            Ok(Some(chunk)) => write(lines.feed(&chunk.data)),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(container = %id, ?which, error = %e, "output stream ended");
+                break;
+            }
+        }
+    }
+    if let Some(last) = lines.finish() {
+        write(vec![last]);
+    }
+}
+
+async fn read_all(
+    agent: &AgentClient,
+    id: &str,
+    exec_id: &str,
+    which: pb::OutputStream,
+) -> Result<Vec<u8>, Status> {
+    let req = pb::ReadOutputRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        stream: which as i32,
+    };
+    let mut s = agent
+        .read_output(req)
+        .await
+        .map_err(|e| agent_status("agent ReadOutput", e))?;
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await? {
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_parse() {
+        assert_eq!(signal_number("").unwrap(), libc::SIGTERM);
+        assert_eq!(signal_number("SIGQUIT").unwrap(), libc::SIGQUIT);
+        assert_eq!(signal_number("int").unwrap(), libc::SIGINT);
+        assert_eq!(signal_number("9").unwrap(), 9);
+        assert!(signal_number("SIGNOPE").is_err());
+    }
+}

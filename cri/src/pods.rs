@@ -1,0 +1,550 @@
+//! The pod side of the runtime: pod VMs (vessel-sandbox), their share dirs
+//! (vessel-storage), the pod records, VM crash handling and restart recovery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use k8s_cri::v1 as cri;
+use prost::Message as _;
+use tokio::sync::watch;
+use tonic::Status;
+use vessel_image::ImageStore;
+use vessel_sandbox::{PodVm, VmConfig, VmExit};
+use vessel_storage::sharedir::ShareDir;
+
+use crate::config::{Accel, Config, RuntimeHandlerConfig, DEFAULT_HANDLER};
+use crate::crilog::CriLog;
+use crate::store::{new_id, ContainerState, PodRecord, PodState, StateStore, StoreError, VmFacts};
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Store errors at the gRPC edge.
+pub fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound { .. } => Status::not_found(e.to_string()),
+        StoreError::Ambiguous { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::NameTaken { .. } => Status::already_exists(e.to_string()),
+        StoreError::BadTransition { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Db(_) => Status::internal(e.to_string()),
+    }
+}
+
+pub fn sandbox_status(what: &str, e: vessel_sandbox::Error) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+/// A running pod VM and what lives with it.
+pub struct LivePod {
+    pub vm: PodVm,
+    pub share: ShareDir,
+}
+
+/// A started container's host-side helpers.
+pub struct LiveCtr {
+    pub log: Option<Arc<CriLog>>,
+    /// Becomes true once the exit is recorded.
+    pub exited: watch::Receiver<bool>,
+}
+
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub images: ImageStore,
+    pub store: StateStore,
+    pub pods: Mutex<HashMap<String, Arc<LivePod>>>,
+    pub ctrs: Mutex<HashMap<String, Arc<LiveCtr>>>,
+    /// Serializes the lifecycle calls of one pod (stop/remove vs. create/start).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Engine {
+    pub fn pod_dir(&self, id: &str) -> PathBuf {
+        self.config.run_root.join("pods").join(id)
+    }
+
+    /// Short: unix socket paths inside it must fit in 108 bytes.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.config
+            .run_root
+            .join("vm")
+            .join(&id[..id.len().min(16)])
+    }
+
+    pub fn share_path(&self, id: &str) -> PathBuf {
+        self.pod_dir(id).join("share")
+    }
+
+    pub fn snapshots_root(&self) -> PathBuf {
+        self.config.root.join("snapshots")
+    }
+
+    pub fn live_pod(&self, id: &str) -> Option<Arc<LivePod>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn live_ctr(&self, id: &str) -> Option<Arc<LiveCtr>> {
+        self.ctrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Held while a call changes the pod or adds to it.
+    pub async fn lock_pod(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn handler(&self, name: &str) -> Result<(String, RuntimeHandlerConfig), Status> {
+        let name = if name.is_empty() {
+            DEFAULT_HANDLER
+        } else {
+            name
+        };
+        match self.config.runtimes.get(name) {
+            Some(h) => Ok((name.to_owned(), h.clone())),
+            None => Err(Status::invalid_argument(format!(
+                "unknown runtime handler {name:?}; configured: {}",
+                self.config
+                    .runtimes
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Opens the state and reconnects to the pod VMs that outlived the last vesseld.
+    pub async fn open(
+        config: Arc<Config>,
+        images: ImageStore,
+        db: Arc<redb::Database>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let store = StateStore::open(db)?;
+        let engine = Arc::new(Engine {
+            config,
+            images,
+            store,
+            pods: Mutex::default(),
+            ctrs: Mutex::default(),
+            locks: Mutex::default(),
+        });
+        for pod in engine.store.pods() {
+            if pod.state == PodState::Ready {
+                engine.recover_pod(pod).await;
+            } else {
+                // A stop or a start that a crash interrupted may have left a VM
+                // or mounts behind; both cleanups are no-ops when nothing is left.
+                let _ = PodVm::destroy(engine.vm_dir(&pod.id)).await;
+                if let Err(e) = ShareDir::existing(&engine.share_path(&pod.id)).destroy() {
+                    tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
+                }
+                engine.finish_containers(&pod.id, "the pod sandbox is not running");
+            }
+        }
+        Ok(engine)
+    }
+
+    async fn recover_pod(self: &Arc<Self>, pod: PodRecord) {
+        let share = ShareDir::existing(&self.share_path(&pod.id));
+        match PodVm::reconnect(self.vm_dir(&pod.id)).await {
+            Ok(vm) => {
+                tracing::info!(pod = %pod.id, "reconnected to the pod VM");
+                let live = Arc::new(LivePod { vm, share });
+                self.pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pod.id.clone(), live.clone());
+                self.watch_vm(&pod.id, &live);
+                for c in self.store.containers_of(&pod.id) {
+                    if c.state == ContainerState::Running {
+                        self.follow_container(&live, &c.id, &c.log_path).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.id, error = %e, "pod VM is gone; marking the pod NOTREADY");
+                let _ = PodVm::destroy(self.vm_dir(&pod.id)).await;
+                self.pod_died(&pod.id, "the pod VM was not running when vesseld restarted");
+                if let Err(e) = share.destroy() {
+                    tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
+                }
+            }
+        }
+    }
+
+    /// Marks a pod whose VM is gone NOTREADY and its unfinished containers exited.
+    fn pod_died(&self, pod_id: &str, message: &str) {
+        let _ = self
+            .store
+            .update_pod(pod_id, |p| p.state = PodState::NotReady);
+        self.finish_containers(pod_id, message);
+    }
+
+    /// Every container of the pod not yet exited becomes EXITED (255).
+    pub fn finish_containers(&self, pod_id: &str, message: &str) {
+        for c in self.store.containers_of(pod_id) {
+            if c.state == ContainerState::Exited {
+                continue;
+            }
+            let _ = self.store.update_container(&c.id, |c| {
+                c.state = ContainerState::Exited;
+                c.exit_code = 255;
+                c.finished_at_ns = now_ns();
+                c.reason = "Error".into();
+                c.message = message.into();
+            });
+        }
+    }
+
+    /// Reacts to a VM that exits on its own.
+    fn watch_vm(self: &Arc<Self>, pod_id: &str, live: &Arc<LivePod>) {
+        let mut exits = live.vm.exit_watch();
+        let engine = Arc::downgrade(self);
+        let pod_id = pod_id.to_owned();
+        tokio::spawn(async move {
+            let how = loop {
+                if let Some(how) = *exits.borrow_and_update() {
+                    break how;
+                }
+                if exits.changed().await.is_err() {
+                    return;
+                }
+            };
+            if how != VmExit::Unexpected {
+                return;
+            }
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            tracing::warn!(pod = %pod_id, "pod VM exited unexpectedly");
+            let live = engine
+                .pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pod_id);
+            engine.pod_died(&pod_id, "the pod VM exited unexpectedly");
+            if let Some(live) = live {
+                let _ = live.vm.stop().await;
+                let _ = live.share.destroy();
+            }
+        });
+    }
+
+    pub async fn run_pod(&self, req: cri::RunPodSandboxRequest) -> Result<String, Status> {
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is missing"))?;
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config.metadata is missing"))?;
+        if meta.name.is_empty() || meta.namespace.is_empty() {
+            return Err(Status::invalid_argument(
+                "RunPodSandbox: metadata.name and metadata.namespace are required",
+            ));
+        }
+        let (handler_name, handler) = self.handler(&req.runtime_handler)?;
+        let id = new_id();
+        let record = PodRecord {
+            id: id.clone(),
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            attempt: meta.attempt,
+            labels: config.labels.clone().into_iter().collect(),
+            annotations: config.annotations.clone().into_iter().collect(),
+            runtime_handler: handler_name,
+            // Not ready until the VM answers.
+            state: PodState::NotReady,
+            created_at_ns: now_ns(),
+            config: config.encode_to_vec(),
+            vm: None,
+        };
+        self.store.add_pod(record).map_err(store_status)?;
+        match self.start_pod_vm(&id, &config, &handler).await {
+            Ok(live) => {
+                let facts = VmFacts {
+                    pid: live.vm.vmm_pid(),
+                    accel: format!("{:?}", live.vm.accel()).to_lowercase(),
+                    vcpus: handler.vcpus,
+                    memory_mib: handler.memory_mib,
+                };
+                let res = self.store.update_pod(&id, |p| {
+                    p.state = PodState::Ready;
+                    p.vm = Some(facts);
+                });
+                if let Err(e) = res {
+                    self.unwind_pod(&id, Some(live)).await;
+                    return Err(store_status(e));
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                self.unwind_pod(&id, None).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn unwind_pod(&self, id: &str, live: Option<Arc<LivePod>>) {
+        let live = live.or_else(|| {
+            self.pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id)
+        });
+        if let Some(live) = live {
+            let _ = live.vm.stop().await;
+        }
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let _ = ShareDir::existing(&self.share_path(id)).destroy();
+        let _ = std::fs::remove_dir_all(self.pod_dir(id));
+        let _ = self.store.remove_pod(id);
+    }
+
+    async fn start_pod_vm(
+        &self,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+        handler: &RuntimeHandlerConfig,
+    ) -> Result<Arc<LivePod>, Status> {
+        if !config.log_directory.is_empty() {
+            std::fs::create_dir_all(&config.log_directory).map_err(|e| {
+                Status::internal(format!(
+                    "cannot create log directory {}: {e}",
+                    config.log_directory
+                ))
+            })?;
+        }
+        let share = ShareDir::create(&self.share_path(id))
+            .map_err(|e| Status::internal(format!("pod share dir: {e}")))?;
+        let files = pod_files(config);
+        for (name, contents) in &files {
+            share
+                .write_pod_file(name, contents.as_bytes())
+                .map_err(|e| Status::internal(format!("pod file {name}: {e}")))?;
+        }
+        share
+            .expose_layers(&self.snapshots_root())
+            .map_err(|e| Status::internal(format!("image layers: {e}")))?;
+
+        let kernel = handler
+            .kernel
+            .clone()
+            .unwrap_or_else(|| self.config.guest.kernel.clone());
+        let initrd = handler
+            .initrd
+            .clone()
+            .unwrap_or_else(|| self.config.guest.initrd.clone());
+        let mut vmc = VmConfig::new(id, self.vm_dir(id), share.path(), kernel, initrd);
+        vmc.vcpus = handler.vcpus;
+        vmc.memory_mib = u32::try_from(handler.memory_mib).unwrap_or(u32::MAX);
+        vmc.accel = match handler.accel {
+            Accel::Auto => vessel_sandbox::Accel::Auto,
+            Accel::Kvm => vessel_sandbox::Accel::Kvm,
+            Accel::Tcg => vessel_sandbox::Accel::Tcg,
+        };
+        vmc.accel_cache_dir = self.config.run_root.clone();
+        vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        let vm = PodVm::start(vmc)
+            .await
+            .map_err(|e| sandbox_status("cannot start the pod VM", e))?;
+        let live = Arc::new(LivePod { vm, share });
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), live.clone());
+        Ok(live)
+    }
+
+    /// Stops a pod: its containers, its VM, its mounts. Gone or stopped: success.
+    pub async fn stop_pod(&self, id: &str) -> Result<(), Status> {
+        let pod = match self.store.pod(id) {
+            Ok(p) => p,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_status(e)),
+        };
+        let _guard = self.lock_pod(&pod.id).await;
+        self.stop_pod_locked(&pod).await
+    }
+
+    async fn stop_pod_locked(&self, pod: &PodRecord) -> Result<(), Status> {
+        let live = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pod.id);
+        if let Some(live) = live {
+            // Kill what still runs so the exit watchers record real exit codes.
+            let running: Vec<_> = self
+                .store
+                .containers_of(&pod.id)
+                .into_iter()
+                .filter(|c| c.state == ContainerState::Running)
+                .collect();
+            for c in &running {
+                let _ = live
+                    .vm
+                    .agent()
+                    .signal_process(vessel_proto::agent::SignalProcessRequest {
+                        container_id: c.id.clone(),
+                        exec_id: String::new(),
+                        signal: libc::SIGKILL as u32,
+                        all: true,
+                    })
+                    .await;
+            }
+            for c in &running {
+                if let Some(l) = self.live_ctr(&c.id) {
+                    let mut rx = l.exited.clone();
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        rx.wait_for(|done| *done),
+                    )
+                    .await;
+                }
+            }
+            live.vm
+                .stop()
+                .await
+                .map_err(|e| sandbox_status("cannot stop the pod VM", e))?;
+            live.share
+                .destroy()
+                .map_err(|e| Status::internal(format!("cannot release the share dir: {e}")))?;
+        }
+        self.finish_containers(&pod.id, "the pod sandbox was stopped");
+        self.store
+            .update_pod(&pod.id, |p| p.state = PodState::NotReady)
+            .map_err(store_status)?;
+        Ok(())
+    }
+
+    /// Removes a pod and its containers; stops it first if needed.
+    pub async fn remove_pod(&self, id: &str) -> Result<(), Status> {
+        let pod = match self.store.pod(id) {
+            Ok(p) => p,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_status(e)),
+        };
+        let _guard = self.lock_pod(&pod.id).await;
+        self.stop_pod_locked(&pod).await?;
+        for c in self.store.containers_of(&pod.id) {
+            self.ctrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&c.id);
+            self.store.remove_container(&c.id).map_err(store_status)?;
+        }
+        let _ = ShareDir::existing(&self.share_path(&pod.id)).destroy();
+        match std::fs::remove_dir_all(self.pod_dir(&pod.id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "cannot remove {}: {e}",
+                    self.pod_dir(&pod.id).display()
+                )))
+            }
+        }
+        let _ = PodVm::destroy(self.vm_dir(&pod.id)).await;
+        self.store.remove_pod(&pod.id).map_err(store_status)?;
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pod.id);
+        Ok(())
+    }
+
+    pub fn pod_config(pod: &PodRecord) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig::decode(pod.config.as_slice()).unwrap_or_default()
+    }
+}
+
+/// hosts, resolv.conf and hostname of a pod.
+pub fn pod_files(config: &cri::PodSandboxConfig) -> BTreeMap<&'static str, String> {
+    let hostname = if config.hostname.is_empty() {
+        config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
+    } else {
+        config.hostname.clone()
+    };
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+    );
+    let mut resolv = String::new();
+    if let Some(dns) = &config.dns_config {
+        for s in &dns.servers {
+            resolv.push_str(&format!("nameserver {s}\n"));
+        }
+        if !dns.searches.is_empty() {
+            resolv.push_str(&format!("search {}\n", dns.searches.join(" ")));
+        }
+        if !dns.options.is_empty() {
+            resolv.push_str(&format!("options {}\n", dns.options.join(" ")));
+        }
+    }
+    BTreeMap::from([
+        ("hosts", hosts),
+        ("resolv.conf", resolv),
+        ("hostname", format!("{hostname}\n")),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_files_follow_the_config() {
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "web".into(),
+                ..Default::default()
+            }),
+            dns_config: Some(cri::DnsConfig {
+                servers: vec!["10.0.0.10".into()],
+                searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            }),
+            ..Default::default()
+        };
+        let f = pod_files(&config);
+        assert_eq!(f["hostname"], "web\n");
+        assert!(f["hosts"].contains("127.0.1.1\tweb\n"));
+        assert_eq!(
+            f["resolv.conf"],
+            "nameserver 10.0.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
+        );
+        let mut c = config.clone();
+        c.hostname = "h1".into();
+        c.dns_config = None;
+        let f = pod_files(&c);
+        assert_eq!(f["hostname"], "h1\n");
+        assert_eq!(f["resolv.conf"], "");
+    }
+}

@@ -1,0 +1,383 @@
+//! CRI RuntimeService: the gRPC edge over [`Engine`]. Streaming, stats and events
+//! return Unimplemented naming the issue that brings them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use tonic::{Request, Response, Status};
+
+use vessel_image::ImageStore;
+
+use crate::config::Config;
+use crate::pods::{now_ns, store_status, Engine};
+use crate::views;
+
+pub const RUNTIME_NAME: &str = "vessel";
+/// The CRI `version` field is the version of the kubelet runtime API we speak.
+pub const KUBELET_API_VERSION: &str = "0.1.0";
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+pub struct RuntimeSvc {
+    config: Arc<Config>,
+    images: ImageStore,
+    engine: Arc<Engine>,
+}
+
+impl RuntimeSvc {
+    pub fn new(config: Arc<Config>, images: ImageStore, engine: Arc<Engine>) -> Self {
+        RuntimeSvc {
+            config,
+            images,
+            engine,
+        }
+    }
+}
+
+/// Issues that bring the RPCs this foundation does not serve yet.
+const ISSUE_STREAMING: &str = "streaming (exec/attach/port-forward), not yet filed";
+const ISSUE_STATS: &str = "stats and metrics, not yet filed";
+const ISSUE_EVENTS: &str = "container events, not yet filed";
+const ISSUE_CHECKPOINT: &str = "none planned (checkpointing is out of scope)";
+
+fn not_yet<T>(rpc: &str, issue: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!(
+        "vessel does not implement {rpc} yet; it arrives with the issue: {issue}"
+    )))
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeSvc {
+    async fn version(&self, _req: Request<cri::VersionRequest>) -> R<cri::VersionResponse> {
+        Ok(Response::new(cri::VersionResponse {
+            version: KUBELET_API_VERSION.into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(&self, req: Request<cri::StatusRequest>) -> R<cri::StatusResponse> {
+        let conditions = vec![
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: "vessel does not implement pod networking yet (CNI support arrives \
+                          with the network issue); pods run without a network interface"
+                    .into(),
+            },
+        ];
+        let mut info = HashMap::new();
+        if req.get_ref().verbose {
+            let config = serde_json::to_string(&*self.config)
+                .map_err(|e| Status::internal(format!("cannot render the config: {e}")))?;
+            info.insert("config".to_owned(), config);
+            let stats = self.images.stats();
+            let stats = serde_json::json!({
+                "blobsDownloaded": stats.blobs_downloaded,
+                "bytesDownloaded": stats.bytes_downloaded,
+                "layersUnpacked": stats.layers_unpacked,
+            });
+            info.insert("imageStats".to_owned(), stats.to_string());
+        }
+        let runtime_handlers = self
+            .config
+            .runtimes
+            .keys()
+            .map(|name| cri::RuntimeHandler {
+                name: name.clone(),
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers,
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> R<cri::RuntimeConfigResponse> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> R<cri::UpdateRuntimeConfigResponse> {
+        // Only the pod CIDR is carried; pods have no network yet, so it is noted.
+        let cidr = req
+            .get_ref()
+            .runtime_config
+            .as_ref()
+            .and_then(|c| c.network_config.as_ref())
+            .map(|n| n.pod_cidr.clone())
+            .unwrap_or_default();
+        tracing::info!(pod_cidr = %cidr, "runtime config updated");
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> R<cri::RunPodSandboxResponse> {
+        let pod_sandbox_id = self.engine.run_pod(req.into_inner()).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> R<cri::StopPodSandboxResponse> {
+        self.engine.stop_pod(&req.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> R<cri::RemovePodSandboxResponse> {
+        self.engine
+            .remove_pod(&req.get_ref().pod_sandbox_id)
+            .await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> R<cri::PodSandboxStatusResponse> {
+        let req = req.into_inner();
+        let pod = self
+            .engine
+            .store
+            .pod(&req.pod_sandbox_id)
+            .map_err(store_status)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert("info".to_owned(), views::pod_info(&pod).to_string());
+        }
+        let containers_statuses = self
+            .engine
+            .store
+            .containers_of(&pod.id)
+            .iter()
+            .map(views::container_status)
+            .collect();
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(views::pod_status(&pod)),
+            info,
+            containers_statuses,
+            timestamp: now_ns(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> R<cri::ListPodSandboxResponse> {
+        let filter = req.into_inner().filter;
+        let items = self
+            .engine
+            .store
+            .pods()
+            .iter()
+            .filter(|p| views::pod_matches(p, filter.as_ref()))
+            .map(views::pod_sandbox)
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> R<cri::CreateContainerResponse> {
+        let container_id = self.engine.create_container(req.into_inner()).await?;
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> R<cri::StartContainerResponse> {
+        self.engine
+            .start_container(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> R<cri::StopContainerResponse> {
+        let req = req.into_inner();
+        self.engine
+            .stop_container(&req.container_id, req.timeout)
+            .await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> R<cri::RemoveContainerResponse> {
+        self.engine
+            .remove_container(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> R<cri::ListContainersResponse> {
+        let filter = req.into_inner().filter;
+        let containers = self
+            .engine
+            .store
+            .containers()
+            .iter()
+            .filter(|c| views::container_matches(c, filter.as_ref()))
+            .map(views::container)
+            .collect();
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> R<cri::ContainerStatusResponse> {
+        let req = req.into_inner();
+        let c = self
+            .engine
+            .store
+            .container(&req.container_id)
+            .map_err(store_status)?;
+        let mut info = HashMap::new();
+        if req.verbose {
+            info.insert("info".to_owned(), views::container_info(&c).to_string());
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(views::container_status(&c)),
+            info,
+        }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> R<cri::UpdateContainerResourcesResponse> {
+        self.engine.update_resources(req.into_inner()).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> R<cri::ReopenContainerLogResponse> {
+        self.engine.reopen_log(&req.get_ref().container_id)?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(&self, req: Request<cri::ExecSyncRequest>) -> R<cri::ExecSyncResponse> {
+        Ok(Response::new(
+            self.engine.exec_sync(req.into_inner()).await?,
+        ))
+    }
+
+    async fn exec(&self, _req: Request<cri::ExecRequest>) -> R<cri::ExecResponse> {
+        not_yet("Exec", ISSUE_STREAMING)
+    }
+
+    async fn attach(&self, _req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
+        not_yet("Attach", ISSUE_STREAMING)
+    }
+
+    async fn port_forward(
+        &self,
+        _req: Request<cri::PortForwardRequest>,
+    ) -> R<cri::PortForwardResponse> {
+        not_yet("PortForward", ISSUE_STREAMING)
+    }
+
+    async fn container_stats(
+        &self,
+        _req: Request<cri::ContainerStatsRequest>,
+    ) -> R<cri::ContainerStatsResponse> {
+        not_yet("ContainerStats", ISSUE_STATS)
+    }
+
+    async fn list_container_stats(
+        &self,
+        _req: Request<cri::ListContainerStatsRequest>,
+    ) -> R<cri::ListContainerStatsResponse> {
+        not_yet("ListContainerStats", ISSUE_STATS)
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _req: Request<cri::PodSandboxStatsRequest>,
+    ) -> R<cri::PodSandboxStatsResponse> {
+        not_yet("PodSandboxStats", ISSUE_STATS)
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> R<cri::ListPodSandboxStatsResponse> {
+        not_yet("ListPodSandboxStats", ISSUE_STATS)
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> R<cri::ListMetricDescriptorsResponse> {
+        not_yet("ListMetricDescriptors", ISSUE_STATS)
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> R<cri::ListPodSandboxMetricsResponse> {
+        not_yet("ListPodSandboxMetrics", ISSUE_STATS)
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _req: Request<cri::CheckpointContainerRequest>,
+    ) -> R<cri::CheckpointContainerResponse> {
+        not_yet("CheckpointContainer", ISSUE_CHECKPOINT)
+    }
+
+    type GetContainerEventsStream =
+        tokio_stream::Empty<Result<cri::ContainerEventResponse, Status>>;
+
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> R<Self::GetContainerEventsStream> {
+        not_yet("GetContainerEvents", ISSUE_EVENTS)
+    }
+}

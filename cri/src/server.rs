@@ -1,0 +1,96 @@
+//! Start-up order and the gRPC server: lock, state, image store, socket, serve.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio_stream::wrappers::UnixListenerStream;
+use vessel_image::{ImageStore, ImageStoreConfig};
+
+use crate::calllog::CallLogLayer;
+use crate::config::Config;
+use crate::images::ImageSvc;
+use crate::instance::{bind_socket, InstanceLock};
+use crate::pods::Engine;
+use crate::runtime::RuntimeSvc;
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(Arc::new(config)))
+}
+
+async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
+    // The lock comes first: nothing below may touch the state of a live instance.
+    let _lock = InstanceLock::acquire(&config.lock_file())?;
+
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("cannot create root dir {}", config.root.display()))?;
+    let db_path = config.state_db();
+    let db = redb::Database::create(&db_path)
+        .with_context(|| format!("cannot open state database {}", db_path.display()))?;
+    let db = Arc::new(db);
+
+    let store_cfg = ImageStoreConfig {
+        root: config.root.clone(),
+        certs_dir: config.image.certs_dir.clone(),
+        max_concurrent_downloads: config.image.max_concurrent_downloads,
+    };
+    // open() also garbage-collects what an interrupted pull left behind.
+    let image_db = db.clone();
+    let store = tokio::task::spawn_blocking(move || ImageStore::open(store_cfg, image_db))
+        .await
+        .context("image store task failed")?
+        .context("cannot open the image store")?;
+
+    // Pods and containers: reconnects to the VMs that outlived a restart.
+    let engine = Engine::open(config.clone(), store.clone(), db)
+        .await
+        .context("cannot open the runtime state")?;
+
+    // The socket comes last: once it exists, vesseld answers.
+    let listener = bind_socket(&config.listen)?;
+    tracing::info!(
+        listen = %config.listen.display(),
+        root = %config.root.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "vesseld serving CRI v1"
+    );
+
+    let result = tonic::transport::Server::builder()
+        .layer(CallLogLayer)
+        .add_service(RuntimeServiceServer::new(RuntimeSvc::new(
+            config.clone(),
+            store.clone(),
+            engine,
+        )))
+        .add_service(ImageServiceServer::new(ImageSvc::new(store)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+
+    // Our own socket: remove it so the next start does not have to probe it.
+    if let Err(e) = std::fs::remove_file(&config.listen) {
+        tracing::warn!(listen = %config.listen.display(), error = %e, "cannot remove socket");
+    }
+    result.context("gRPC server failed")?;
+    tracing::info!("vesseld stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop vesseld with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,263 @@
+//! vesseld as a process: start-up, config handling, single instance, socket
+//! handling, and the RuntimeService calls of the foundation.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::process::Output;
+
+use k8s_cri::v1 as cri;
+use vessel_tests::daemon::TestDaemon;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn version_status_and_runtime_config() {
+    let d = TestDaemon::start().unwrap();
+    let meta = std::fs::metadata(d.socket()).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let mut c = d.client().await.unwrap();
+    let v = c
+        .runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.runtime_name, "vessel");
+    assert_eq!(v.runtime_api_version, "v1");
+    assert_eq!(v.version, "0.1.0");
+    assert_eq!(v.runtime_version, env!("CARGO_PKG_VERSION"));
+
+    let s = c
+        .runtime
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let conds = s.status.unwrap().conditions;
+    let cond = |t: &str| conds.iter().find(|c| c.r#type == t).unwrap().clone();
+    assert!(cond("RuntimeReady").status);
+    let net = cond("NetworkReady");
+    assert!(!net.status);
+    assert_eq!(net.reason, "NetworkPluginNotReady");
+    assert!(net.message.contains("not implement"), "{}", net.message);
+    let config: serde_json::Value = serde_json::from_str(&s.info["config"]).unwrap();
+    assert_eq!(config["root"], d.root().display().to_string());
+    assert!(s.runtime_handlers.iter().any(|h| h.name == "default"));
+
+    let rc = c
+        .runtime
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rc.linux.unwrap().cgroup_driver,
+        cri::CgroupDriver::Cgroupfs as i32
+    );
+
+    let e = c
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("RunPodSandbox"), "{}", e.message());
+    let e = c
+        .runtime
+        .container_stats(cri::ContainerStatsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert!(e.message().contains("ContainerStats"), "{}", e.message());
+
+    // Calls are logged at debug with method and latency.
+    let log = d.log();
+    assert!(
+        log.contains("RuntimeService/Version") && log.contains("latency_ms"),
+        "{log}"
+    );
+}
+
+#[test]
+fn unknown_key_fails_naming_file_and_key() {
+    let d = TestDaemon::prepare("[guest]\nkernal = \"/x\"\n").unwrap();
+    let o = d.command().output().unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains(&d.config_path().display().to_string()), "{e}");
+    assert!(
+        e.contains("guest.kernal") && e.contains("unknown field"),
+        "{e}"
+    );
+    assert!(!d.socket().exists());
+
+    // The same in a drop-in names the drop-in.
+    let d = TestDaemon::prepare("").unwrap();
+    let dropin = d.dropin_dir().join("50-bad.toml");
+    std::fs::write(&dropin, "[runtimes.fast]\nvcpu = 2\n").unwrap();
+    let e = stderr(&d.command().output().unwrap());
+    assert!(e.contains(&dropin.display().to_string()), "{e}");
+    assert!(e.contains("runtimes.fast.vcpu"), "{e}");
+}
+
+#[test]
+fn bad_values_fail_start_up() {
+    for (extra, key) in [
+        ("[runtimes.default]\nvcpus = 0\n", "runtimes.default.vcpus"),
+        (
+            "[runtimes.default]\naccel = \"xen\"\n",
+            "runtimes.default.accel",
+        ),
+        ("log_format = \"yaml\"\n", "log_format"),
+        (
+            "[network]\ncni_conf_dir = \"relative\"\n",
+            "network.cni_conf_dir",
+        ),
+        (
+            "[runtimes.default]\nmemory_mib = \"lots\"\n",
+            "runtimes.default.memory_mib",
+        ),
+    ] {
+        let d = TestDaemon::prepare(extra).unwrap();
+        let o = d.command().output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{extra}");
+        let e = stderr(&o);
+        assert!(e.contains(key), "{extra}: {e}");
+        assert!(e.contains("vessel.toml"), "{extra}: {e}");
+    }
+    // An explicit --config that does not exist is an error, not defaults.
+    let d = TestDaemon::prepare("").unwrap();
+    let o = std::process::Command::new(vessel_tests::daemon::vesseld_bin())
+        .arg("--config")
+        .arg(d.dir().join("nope.toml"))
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nope.toml"), "{}", stderr(&o));
+}
+
+#[test]
+fn dropins_apply_in_lexical_order_and_flags_win() {
+    let d = TestDaemon::prepare("[runtimes.big]\nvcpus = 2\nmemory_mib = 1024\n").unwrap();
+    let dir = d.dropin_dir();
+    std::fs::write(dir.join("20-b.toml"), "[runtimes.big]\nvcpus = 8\n").unwrap();
+    std::fs::write(
+        dir.join("10-a.toml"),
+        "[runtimes.big]\nvcpus = 4\naccel = \"tcg\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("99-not-toml.txt"), "garbage = ").unwrap();
+
+    let o = d
+        .command()
+        .args(["--log-format", "json", "config"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let v: toml::Table = text.parse().unwrap();
+    let big = &v["runtimes"]["big"];
+    assert_eq!(big["vcpus"].as_integer(), Some(8));
+    assert_eq!(big["memory_mib"].as_integer(), Some(1024));
+    assert_eq!(big["accel"].as_str(), Some("tcg"));
+    assert_eq!(v["runtimes"]["default"]["vcpus"].as_integer(), Some(1));
+    assert_eq!(v["log_format"].as_str(), Some("json"));
+    assert_eq!(
+        v["image"]["certs_dir"].as_str(),
+        Some(d.certs_dir().display().to_string().as_str())
+    );
+    assert_eq!(v["image"]["max_concurrent_downloads"].as_integer(), Some(3));
+    assert_eq!(
+        v["guest"]["kernel"].as_str(),
+        Some("/usr/share/vessel/vmlinux")
+    );
+    assert_eq!(
+        v["listen"].as_str(),
+        Some(d.socket().display().to_string().as_str())
+    );
+
+    // The printed config is itself a valid config that prints the same.
+    let printed = d.dir().join("printed.toml");
+    std::fs::write(&printed, &text).unwrap();
+    let o = std::process::Command::new(vessel_tests::daemon::vesseld_bin())
+        .arg("--config")
+        .arg(&printed)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_when_configured() {
+    let d = TestDaemon::start_with("log_format = \"json\"\n").unwrap();
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .any(|l| l["method"] == "RuntimeService/Version" && l["latency_ms"].is_number()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_instance_is_refused_and_live_socket_untouched() {
+    let d = TestDaemon::start().unwrap();
+    let ino = std::fs::metadata(d.socket()).unwrap().ino();
+
+    let o = d.command().output().unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("another vesseld is running"), "{e}");
+    assert!(e.contains(&d.pid().unwrap().to_string()), "{e}");
+
+    // Same socket, different run_root (so no shared lock): the live socket is kept.
+    let other_run = d.dir().join("other-run");
+    let o = d
+        .command()
+        .arg("--run-root")
+        .arg(&other_run)
+        .arg("--root")
+        .arg(d.dir().join("other-root"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is live"), "{}", stderr(&o));
+
+    assert_eq!(std::fs::metadata(d.socket()).unwrap().ino(), ino);
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .expect("first instance still serves");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_socket_is_replaced_and_sigterm_cleans_up() {
+    let mut d = TestDaemon::start().unwrap();
+    d.kill9();
+    // SIGKILL leaves the socket file behind with nobody listening.
+    assert!(d.socket().exists());
+    d.restart().unwrap();
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+    assert!(d.log().contains("replacing stale socket"));
+
+    // A graceful stop removes the socket and exits 0.
+    assert!(d.stop(), "log:\n{}", d.log());
+    assert!(!d.socket().exists());
+}
