@@ -11,6 +11,7 @@ mod mounts;
 mod network;
 mod oci;
 mod output;
+mod ready;
 mod reaper;
 mod service;
 mod spec;
@@ -48,6 +49,11 @@ async fn serve(pid1: bool) -> anyhow::Result<()> {
         tokio::spawn(reaper.clone().run());
     }
     let incoming = vsock_io::incoming(vessel_proto::AGENT_VSOCK_PORT)?;
+    // The port is bound (connections queue until the server below takes them): tell
+    // the host, which waits for this rather than polling.
+    if pid1 {
+        tokio::spawn(ready::announce());
+    }
     let svc = service::AgentService::new(reaper, clock::monotonic_ms());
     log::info(&format!(
         "serving on vsock port {} at {} ms",

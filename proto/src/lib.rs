@@ -19,3 +19,13 @@ pub const SHARE_TAG: &str = "vessel";
 
 /// Where the agent mounts the pod share dir inside the guest.
 pub const GUEST_SHARE_DIR: &str = "/run/vessel/share";
+
+/// vsock port on the host (CID 2) the agent connects to once it serves
+/// `AGENT_VSOCK_PORT`, to announce that it is ready: the host waits for this instead
+/// of polling the guest. With vhost-device-vsock the connection arrives on the unix
+/// socket `<uds-path>_1025`. The kernel command line may name another port with
+/// `vessel.ready_port=<port>` (kernel vhost-vsock, where host ports are host-wide).
+pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// The agent's readiness announcement: this prefix, a space, its version, `\n`.
+pub const READY_LINE_PREFIX: &str = "vessel-agent-ready";

@@ -153,6 +153,8 @@ unary! {
     exec_process(pb::ExecProcessRequest) -> pb::Empty, "ExecProcess";
     /// Signals a process (or all of a container's).
     signal_process(pb::SignalProcessRequest) -> pb::Empty, "SignalProcess";
+    /// Frees a process's output below an offset (see `ReadOutput.explicit_ack`).
+    ack_output(pb::AckOutputRequest) -> pb::Empty, "AckOutput";
     /// Closes a process's stdin.
     close_stdin(pb::ProcessRef) -> pb::Empty, "CloseStdin";
     /// Resizes a process's TTY.

@@ -17,7 +17,8 @@ impl RunDir {
     /// Wraps `root`; fails when socket paths inside it would be too long.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let d = Self { root: root.into() };
-        let longest = d.vsock_hybrid();
+        // The readiness socket is the hybrid socket's path plus "_<port>".
+        let longest = d.vsock_ready();
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::InvalidConfig(format!(
                 "run dir {} is too long for unix socket paths",
@@ -62,6 +63,11 @@ impl RunDir {
     /// vhost-device-vsock's hybrid-vsock socket (host side of the agent channel).
     pub fn vsock_hybrid(&self) -> PathBuf {
         self.root.join("vsock.hybrid")
+    }
+    /// Where vhost-device-vsock delivers the agent's readiness announcement (a guest
+    /// connection to host port `READY_VSOCK_PORT`).
+    pub fn vsock_ready(&self) -> PathBuf {
+        crate::ready::hybrid_port_path(&self.vsock_hybrid(), vessel_proto::READY_VSOCK_PORT)
     }
     /// vhost-device-vsock's log.
     pub fn vsock_log(&self) -> PathBuf {

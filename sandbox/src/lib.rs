@@ -30,6 +30,7 @@ pub mod hypervisor;
 pub mod layout;
 pub mod process;
 pub mod qemu;
+pub mod ready;
 pub mod state;
 pub mod tsc;
 pub mod vm;

@@ -19,6 +19,7 @@ use crate::hypervisor::{self, Hypervisor, LaunchSpec, VsockDevice};
 use crate::layout::RunDir;
 use crate::process::{Proc, ProcId};
 use crate::qemu::Qemu;
+use crate::ready::ReadyListener;
 use crate::state::{VmState, STATE_VERSION};
 
 /// How a VM's process ended.
@@ -41,12 +42,9 @@ pub struct BootTiming {
     pub total: Duration,
 }
 
-/// Time between Health attempts while the guest boots. Not shorter: vhost-device-vsock
-/// 0.3 was seen to wedge for good (every later CONNECT unanswered) after a few hundred
-/// refused connections at 20 ms intervals during boot; at 100 ms it has not.
-const HEALTH_POLL: Duration = Duration::from_millis(100);
-/// Per-attempt Health timeout while the guest boots.
-const HEALTH_ATTEMPT: Duration = Duration::from_secs(2);
+/// Pause between Health attempts after the agent announced itself (a failure there
+/// is unexpected; each attempt is a fresh connection).
+const HEALTH_RETRY: Duration = Duration::from_millis(200);
 /// How long helpers get to exit on SIGTERM.
 const HELPER_GRACE: Duration = Duration::from_secs(2);
 /// How long QEMU gets to exit after QMP `quit`.
@@ -145,7 +143,7 @@ impl PodVm {
     }
 
     /// Like `start`, with a chosen backend.
-    pub async fn start_with(cfg: VmConfig, hv: Arc<dyn Hypervisor>) -> Result<Self> {
+    pub async fn start_with(mut cfg: VmConfig, hv: Arc<dyn Hypervisor>) -> Result<Self> {
         let t0 = Instant::now();
         check_config(&cfg)?;
         let dir = RunDir::new(&cfg.run_dir)?;
@@ -218,6 +216,11 @@ impl PodVm {
             Some(p)
         };
 
+        // Listening before the guest runs: the agent connects out once it serves.
+        let ready =
+            ReadyListener::bind(&agent_addr).map_err(|e| Error::Sys("readiness listener", e))?;
+        cfg.extra_cmdline.extend(ready.kernel_args());
+
         let t_vmm = Instant::now();
         let spec = LaunchSpec {
             config: &cfg,
@@ -234,6 +237,7 @@ impl PodVm {
         hv.wait_ready(&spec, &vmm).await?;
 
         let agent = wait_for_agent(
+            &ready,
             &agent_addr,
             cfg.timeouts.agent_call,
             &vmm,
@@ -241,6 +245,7 @@ impl PodVm {
             cfg.timeouts.boot,
         )
         .await?;
+        drop(ready);
         let boot_timing = BootTiming {
             helpers: t_vmm - t0,
             vmm_to_agent: t_vmm.elapsed(),
@@ -477,45 +482,54 @@ impl Drop for PodVm {
     }
 }
 
-/// Polls Health until it answers, the VMM exits, or `limit` passes.
-/// Each attempt dials a fresh connection: a connection made while the guest was
-/// still starting has been seen to stall for good (so reusing it never recovers).
-/// Returns the client whose connection answered.
+/// Waits for the agent's readiness announcement, then checks Health over one fresh
+/// connection; gives up when the VMM exits or `limit` passes (measured from the call,
+/// i.e. the VMM's start). No connection is made to the guest before it announced
+/// itself, so nothing is ever refused or abandoned while it boots.
 async fn wait_for_agent(
+    ready: &ReadyListener,
     addr: &VsockAddr,
     call_timeout: Duration,
     vmm: &Proc,
     dir: &RunDir,
     limit: Duration,
 ) -> Result<AgentClient> {
-    let deadline = Instant::now() + limit;
-    let poll = async {
+    let deadline = tokio::time::Instant::now() + limit;
+    let last_error = std::sync::Mutex::new(String::from("no readiness announcement"));
+    let note = |e: String| *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    let wait = async {
+        let version = ready
+            .wait()
+            .await
+            .map_err(|e| Error::Sys("readiness listener", e))?;
+        tracing::debug!(%version, "agent announced itself");
+        note("announced, Health not answered yet".into());
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let agent = AgentClient::new(addr.clone(), call_timeout);
-            match agent.health_within(HEALTH_ATTEMPT).await {
-                Ok(_) => {
-                    tracing::debug!(attempts, "agent ready");
-                    return Ok(agent);
-                }
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(Error::AgentNotReady {
-                        limit,
-                        last_error: e.to_string(),
-                        log_tail: crate::error::tail(&dir.console_log(), 30),
-                    });
-                }
+            match agent.health_within(call_timeout).await {
+                Ok(_) => return Ok(agent),
                 Err(e) => {
-                    tracing::debug!(attempts, "agent not ready: {e:?}");
-                    tokio::time::sleep(HEALTH_POLL).await;
+                    tracing::warn!(attempts, "agent announced itself but Health failed: {e}");
+                    note(e.to_string());
+                    tokio::time::sleep(HEALTH_RETRY).await;
                 }
             }
         }
     };
     tokio::select! {
-        r = poll => r,
+        r = wait => r,
         _ = vmm.exited() => Err(Error::died("the VM", &[&dir.qemu_log(), &dir.console_log()])),
+        _ = tokio::time::sleep_until(deadline) => Err(Error::AgentNotReady {
+            limit,
+            last_error: last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            log_tail: format!(
+                "{}\n{}",
+                crate::error::tail(&dir.console_log(), 30),
+                crate::error::tail(&dir.vsock_log(), 10)
+            ),
+        }),
     }
 }
 

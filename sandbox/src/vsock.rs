@@ -2,14 +2,19 @@
 //! served by vhost-device-vsock, `CONNECT <port>\n` → `OK <host port>\n`).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixStream;
 use vessel_proto::MAX_VSOCK_WRITE;
+
+/// How long a detached hybrid handshake may wait for its answer. Long: closing before
+/// the answer is what wedges the helper, and a guest this slow is dead anyway.
+const HANDSHAKE_ABANDON: Duration = Duration::from_secs(120);
 
 /// Where the agent listens, seen from the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,42 +52,69 @@ pub async fn connect(addr: &VsockAddr) -> io::Result<CappedWrites<VsockStream>> 
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
         ),
         VsockAddr::Hybrid { path, port } => {
-            let mut s = UnixStream::connect(path).await?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-            // Read the answer byte by byte: anything after '\n' belongs to the agent.
-            let mut line = Vec::with_capacity(16);
-            loop {
-                let b = s.read_u8().await.map_err(|e| {
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-                    ) {
-                        io::Error::new(io::ErrorKind::ConnectionRefused, "guest port not listening")
-                    } else {
-                        e
-                    }
-                })?;
-                if b == b'\n' {
-                    break;
-                }
-                line.push(b);
-                if line.len() > 64 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "hybrid vsock: answer too long",
-                    ));
-                }
-            }
-            if !line.starts_with(b"OK ") {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("hybrid vsock: {}", String::from_utf8_lossy(&line)),
-                ));
-            }
+            // The handshake runs in its own task so that a caller giving up (a
+            // timeout, a dropped future) never closes the socket while the CONNECT is
+            // pending: vhost-device-vsock 0.3 panics in its worker thread when the
+            // guest's answer finds the host side closed (write of "OK" → EPIPE →
+            // unwrap), after which no connection is ever served again.
+            let (path, port) = (path.clone(), *port);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(HANDSHAKE_ABANDON, hybrid_handshake(&path, port))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "hybrid vsock: no answer",
+                        ))
+                    });
+                // Nobody waiting: the stream is dropped now that closing it is safe.
+                let _ = tx.send(r);
+            });
+            let s = rx
+                .await
+                .map_err(|_| io::Error::other("hybrid vsock: handshake task lost"))??;
             VsockStream::Hybrid(s)
         }
     };
     Ok(CappedWrites(stream))
+}
+
+/// Dials the hybrid socket and sends `CONNECT <port>`; returns once the answer is read.
+async fn hybrid_handshake(path: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(path).await?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    // Read the answer byte by byte: anything after '\n' belongs to the agent.
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let b = s.read_u8().await.map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) {
+                io::Error::new(io::ErrorKind::ConnectionRefused, "guest port not listening")
+            } else {
+                e
+            }
+        })?;
+        if b == b'\n' {
+            break;
+        }
+        line.push(b);
+        if line.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "hybrid vsock: answer too long",
+            ));
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("hybrid vsock: {}", String::from_utf8_lossy(&line)),
+        ));
+    }
+    Ok(s)
 }
 
 /// Limits every write to `MAX_VSOCK_WRITE` bytes (vhost-device-vsock 0.3 stalls on
@@ -211,5 +243,39 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A caller that gives up mid-handshake must not close the socket before the
+    /// answer: the late "OK" would hit a closed socket and kill vhost-device-vsock.
+    #[tokio::test]
+    async fn abandoned_handshake_keeps_the_socket_until_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (gave_up_tx, gave_up_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 13];
+            s.read_exact(&mut hello).await.unwrap();
+            gave_up_rx.await.unwrap();
+            // Give a (wrongly) dropped socket time to be closed.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(b"OK 1073741824\n")
+                .await
+                .expect("the client socket is still open when the answer comes");
+            // Then the abandoned stream is closed cleanly.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let addr = VsockAddr::Hybrid { path, port: 1024 };
+        let r = tokio::time::timeout(Duration::from_millis(200), connect(&addr)).await;
+        assert!(r.is_err(), "no answer yet: the caller times out");
+        gave_up_tx.send(()).unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("closed after the answer")
+            .unwrap();
+        assert!(rest.is_empty());
     }
 }

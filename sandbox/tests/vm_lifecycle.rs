@@ -160,3 +160,38 @@ async fn stop_without_agent_falls_back_to_qmp_quit() {
     assert_eq!(vm.wait_exit().await, VmExit::Requested);
     assert_nothing_left(&ws.run_dir(), &pids);
 }
+
+/// Connects abandoned mid-handshake (a caller's timeout) must not wedge the agent
+/// channel: vhost-device-vsock 0.3 dies when the guest's answer finds the host side
+/// of a CONNECT closed, so the client keeps the socket until the answer arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_connects_leave_the_agent_reachable() {
+    let guest = require_guest!();
+    let ws = Workspace::new();
+    let vm = start_vm(&ws, "abandon", &guest).await;
+    let addr = vm.agent().addr().clone();
+    // Gives up at different points between CONNECT and the guest's answer (the raw
+    // equivalent kills the helper: see boot_stress.rs).
+    for i in 0..60u64 {
+        let r = tokio::time::timeout(
+            Duration::from_micros(50 * i),
+            vessel_sandbox::vsock::connect(&addr),
+        )
+        .await;
+        drop(r);
+    }
+    // Let the abandoned handshakes complete in the background.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        let fresh = vessel_sandbox::AgentClient::new(addr.clone(), Duration::from_secs(10));
+        fresh
+            .health()
+            .await
+            .expect("agent reachable on a fresh connection");
+    }
+    let log = std::fs::read_to_string(ws.run_dir().join("vhost-device-vsock.log")).unwrap();
+    assert!(!log.contains("panicked"), "vhost-device-vsock: {log}");
+    let pids = vm.pids();
+    vm.stop().await.unwrap();
+    assert_nothing_left(&ws.run_dir(), &pids);
+}

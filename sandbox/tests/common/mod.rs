@@ -247,6 +247,7 @@ pub async fn read_all(vm: &PodVm, container: &str, exec: &str, stream: pb::Outpu
         container_id: container.into(),
         exec_id: exec.into(),
         stream: stream as i32,
+        ..Default::default()
     };
     let mut s = vm.agent().read_output(req).await.expect("ReadOutput opens");
     let mut out = Vec::new();
