@@ -14,6 +14,11 @@ use std::path::PathBuf;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
+use oci_spec::runtime::{LinuxSeccomp, Spec};
 
 /// libcontainer's state directory in the guest.
 pub const STATE_ROOT: &str = "/run/vessel/oci";
@@ -56,6 +61,78 @@ fn stdio_fds(builder: ContainerBuilder, with_stdio: bool) -> ContainerBuilder {
     builder.with_stdin(i).with_stdout(o).with_stderr(e)
 }
 
+/// The seccomp profile of a created container, from the spec it was created with.
+fn container_seccomp(id: &str) -> anyhow::Result<Option<LinuxSeccomp>> {
+    let c = Container::load(PathBuf::from(STATE_ROOT).join(id))?;
+    let spec = Spec::load(c.bundle().join("config.json"))?;
+    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+}
+
+/// The exec'd process loads its filter in `SeccompExecutor`, after libcontainer's
+/// capability drop. Without `noNewPrivileges` that needs CAP_SYS_ADMIN, so it is
+/// kept in the effective and permitted sets only (a copy of the process file is
+/// written next to it). execve(2) then recomputes the sets from bounding and
+/// inheritable, which are untouched, so the program never holds it unless the
+/// container grants it anyway.
+fn process_able_to_load_seccomp(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let mut p: oci_spec::runtime::Process = serde_json::from_slice(&std::fs::read(path)?)?;
+    if p.no_new_privileges() == Some(true) {
+        return Ok(path.to_owned());
+    }
+    // No capabilities section: libcontainer drops nothing, CAP_SYS_ADMIN stays.
+    let Some(mut caps) = p.capabilities().clone() else {
+        return Ok(path.to_owned());
+    };
+    let add = |set: Option<&oci_spec::runtime::Capabilities>| {
+        let mut set = set.cloned().unwrap_or_default();
+        set.insert(oci_spec::runtime::Capability::SysAdmin);
+        Some(set)
+    };
+    caps.set_effective(add(caps.effective().as_ref()));
+    caps.set_permitted(add(caps.permitted().as_ref()));
+    p.set_capabilities(Some(caps));
+    let out = path.with_extension("seccomp.json");
+    std::fs::write(&out, serde_json::to_vec(&p)?)?;
+    Ok(out)
+}
+
+/// Runs the workload like the default executor, after loading the container's
+/// seccomp filter. libcontainer's tenant (exec) path builds the process's
+/// `linux` section without `seccomp`, but an OCI runtime must apply the container's
+/// filter to exec'd processes too (runc does). The executor runs last, as close to
+/// the program's execve as libcontainer's own late load.
+#[derive(Clone)]
+struct SeccompExecutor {
+    seccomp: Option<LinuxSeccomp>,
+}
+
+impl Executor for SeccompExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(seccomp) = &self.seccomp {
+            if libcontainer::seccomp::is_notify(seccomp) {
+                // A notify fd needs a listener handshake only init processes get.
+                return Err(ExecutorError::Other(
+                    "seccomp notify actions are not supported for exec".into(),
+                ));
+            }
+            libcontainer::seccomp::initialize_seccomp(seccomp)
+                .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+
+    fn setup_envs(
+        &self,
+        envs: std::collections::HashMap<String, String>,
+    ) -> Result<(), ExecutorSetEnvsError> {
+        DefaultExecutor {}.setup_envs(envs)
+    }
+}
+
 fn run(args: &[String]) -> anyhow::Result<()> {
     let op = args.first().map(String::as_str).unwrap_or("");
     let id = args.get(1).cloned().unwrap_or_default();
@@ -84,12 +161,19 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         // exec <id> <process.json> <pid_file> <console_socket|""> <stdio: 0|1>
         "exec" => {
             let process = opt(args.get(2)).ok_or_else(|| anyhow::anyhow!("no process"))?;
+            let seccomp = container_seccomp(&id)?;
+            let process = if seccomp.is_some() {
+                process_able_to_load_seccomp(&process)?
+            } else {
+                process
+            };
             let b = ContainerBuilder::new(id, SyscallType::default())
                 .with_root_path(STATE_ROOT)?
                 .with_pid_file(opt(args.get(3)))?
                 .with_console_socket(opt(args.get(4)));
             let b = stdio_fds(b, args.get(5).map(String::as_str) == Some("1"));
-            b.as_tenant()
+            b.with_executor(SeccompExecutor { seccomp })
+                .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
                 .as_sibling(true)

@@ -25,6 +25,26 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// The output buffer of one stream of a process.
+    fn output(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: i32,
+    ) -> Result<std::sync::Arc<crate::output::OutputBuffer>, Status> {
+        let p = self
+            .containers
+            .process(container_id, exec_id)
+            .map_err(status)?;
+        Ok(if stream == pb::OutputStream::Stderr as i32 {
+            p.stdio.stderr.clone()
+        } else {
+            p.stdio.stdout.clone()
+        })
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -194,20 +214,27 @@ impl Agent for AgentService {
         req: Request<pb::ReadOutputRequest>,
     ) -> Reply<Self::ReadOutputStream> {
         let r = req.into_inner();
-        let p = self
-            .containers
-            .process(&r.container_id, &r.exec_id)
-            .map_err(status)?;
-        let buf = if r.stream == pb::OutputStream::Stderr as i32 {
-            p.stdio.stderr.clone()
-        } else {
-            p.stdio.stdout.clone()
-        };
-        let stream = futures_util::stream::unfold(buf, |buf| async move {
-            let chunk = buf.next_chunk().await?;
-            Some((Ok(pb::OutputChunk { data: chunk }), buf))
+        let buf = self.output(&r.container_id, &r.exec_id, r.stream)?;
+        let auto_ack = !r.explicit_ack;
+        let stream = futures_util::stream::unfold(r.offset, move |offset| {
+            let buf = buf.clone();
+            async move {
+                let (at, data) = buf.chunk_at(offset).await?;
+                let next = at + data.len() as u64;
+                if auto_ack {
+                    buf.ack(next);
+                }
+                Some((Ok(pb::OutputChunk { data, offset: at }), next))
+            }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack_output(&self, req: Request<pb::AckOutputRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.output(&r.container_id, &r.exec_id, r.stream)?
+            .ack(r.offset);
+        ok()
     }
 
     async fn write_stdin(&self, req: Request<Streaming<pb::StdinChunk>>) -> Reply<pb::Empty> {

@@ -140,6 +140,7 @@ async fn read_all(
             container_id: id.into(),
             exec_id: exec.into(),
             stream: stream as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -457,7 +458,9 @@ async fn guest_boots_and_runs_containers() {
     .unwrap();
     assert_eq!(wait(&mut c, "c2", "").await.exit_code, 137);
 
-    for id in ["c1", "c2", "c3", "c4", "c5", "c1"] {
+    seccomp_and_output_offsets(&mut c, &console_text).await;
+
+    for id in ["c1", "c2", "c3", "c4", "c5", "c6", "c1"] {
         c.remove_container(ContainerRef {
             container_id: id.into(),
         })
@@ -496,4 +499,98 @@ async fn guest_boots_and_runs_containers() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// c6: the container's seccomp profile (mkdir denied) binds PID 1 and an exec'd
+/// process alike; output stays readable from an old offset until acknowledged.
+async fn seccomp_and_output_offsets(c: &mut AgentClient<Channel>, console: &dyn Fn() -> String) {
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec(
+        &["sh", "-c", "echo one; echo two; sleep 1000"],
+        false,
+    ))
+    .unwrap();
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    c.create_container(CreateContainerRequest {
+        container_id: "c6".into(),
+        oci_spec_json: serde_json::to_vec(&spec).unwrap(),
+        rootfs: Some(Rootfs {
+            path: "/run/vessel/share/rootfs".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create c6: {e}\n{}", console()));
+    c.start_container(ContainerRef {
+        container_id: "c6".into(),
+    })
+    .await
+    .unwrap();
+
+    // Output: read without acking, read again from an offset, then ack.
+    let open = |offset: u64| ReadOutputRequest {
+        container_id: "c6".into(),
+        exec_id: "".into(),
+        stream: OutputStream::Stdout as i32,
+        offset,
+        explicit_ack: true,
+    };
+    let mut s = c.read_output(open(0)).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while out.len() < 8 {
+        let chunk = s.message().await.unwrap().expect("c6 output");
+        assert_eq!(chunk.offset, out.len() as u64);
+        out.extend(chunk.data);
+    }
+    assert_eq!(out, b"one\ntwo\n");
+    drop(s);
+    let mut s = c.read_output(open(4)).await.unwrap().into_inner();
+    let chunk = s.message().await.unwrap().expect("c6 output again");
+    assert_eq!((chunk.offset, chunk.data.as_slice()), (4, &b"two\n"[..]));
+    drop(s);
+    c.ack_output(AckOutputRequest {
+        container_id: "c6".into(),
+        exec_id: "".into(),
+        stream: OutputStream::Stdout as i32,
+        offset: 8,
+    })
+    .await
+    .unwrap();
+
+    // An exec without noNewPrivileges and without CAP_SYS_ADMIN, as vesseld sends.
+    let caps = serde_json::json!(["CAP_KILL", "CAP_AUDIT_WRITE"]);
+    let exec = serde_json::json!({
+        "args": ["sh", "-c",
+            "grep -E '^(Seccomp|CapEff):' /proc/self/status; grep Seccomp: /proc/1/status; mkdir /tmp/denied || echo denied"],
+        "cwd": "/", "terminal": false, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}
+    });
+    c.exec_process(ExecProcessRequest {
+        container_id: "c6".into(),
+        exec_id: "s1".into(),
+        oci_process_json: serde_json::to_vec(&exec).unwrap(),
+        stdin: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("exec s1: {e}\n{}", console()));
+    let out = read_all(c, "c6", "s1", OutputStream::Stdout).await;
+    let err = read_all(c, "c6", "s1", OutputStream::Stderr).await;
+    assert_eq!(wait(c, "c6", "s1").await.exit_code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            // CAP_KILL | CAP_AUDIT_WRITE: the filter's CAP_SYS_ADMIN did not survive.
+            "CapEff:\t0000000020000020",
+            "Seccomp:\t2",
+            "Seccomp:\t2",
+            "denied"
+        ],
+        "{out}{err}"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
 }
