@@ -11,6 +11,14 @@ cargo build --release -p vessel-cri
 install -m 0755 target/release/vesseld /usr/local/bin/vesseld
 VESSEL_GUEST_DIR=/usr/share/vessel scripts/build-guest.sh
 
+# Pod networking is on only when a CNI config exists: install the default bridge +
+# host-local + portmap + loopback network unless one is already configured.
+mkdir -p /etc/cni/net.d
+if ! compgen -G '/etc/cni/net.d/*.conflist' >/dev/null && ! compgen -G '/etc/cni/net.d/*.conf' >/dev/null; then
+  install -m 0644 docs/examples/10-vessel.conflist /etc/cni/net.d/10-vessel.conflist
+  echo "installed the default pod network config /etc/cni/net.d/10-vessel.conflist (10.88.0.0/16)"
+fi
+
 if [ "${VESSEL_NO_START:-0}" = 1 ]; then
   exit 0
 fi

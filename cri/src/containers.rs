@@ -8,23 +8,19 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use prost::Message as _;
-use tokio::sync::watch;
 use tonic::Status;
 use vessel_proto::agent as pb;
 use vessel_proto::GUEST_SHARE_DIR;
 use vessel_sandbox::AgentClient;
 use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
 
-use crate::crilog::{CriLog, LineSplitter, Stream};
 use crate::oci::{self, GuestMount, SpecInput};
-use crate::pods::{now_ns, store_status, Engine, LiveCtr, LivePod};
+use crate::pods::{now_ns, store_status, Engine, LivePod};
 use crate::status::image_status;
 use crate::store::{new_id, ContainerRecord, ContainerState, PodState, StoreError};
 
 /// Where the guest assembles container root filesystems (guest tmpfs).
 const GUEST_ROOTFS_DIR: &str = "/run/vessel/rootfs";
-/// How long an exit waits for its output to reach the log file.
-const LOG_DRAIN: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed container may take to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(15);
 
@@ -261,8 +257,9 @@ impl Engine {
         let spec_json =
             serde_json::to_vec(&spec).map_err(|e| Status::internal(format!("spec json: {e}")))?;
 
-        // PID/IPC "pod" namespaces: those of a running container of the pod (a VM
-        // has no pause container). PID sharing only when asked for explicitly.
+        // The "pod" PID namespace: that of a running container of the pod (a VM has
+        // no pause container), only when asked for explicitly. POD IPC is the VM's
+        // own (see oci.rs), so no container is joined for it.
         let opts = pod_config
             .linux
             .as_ref()
@@ -276,7 +273,6 @@ impl Engine {
             .map(|c| c.id);
         let pod_mode = cri::NamespaceMode::Pod as i32;
         let share_pid = opts.as_ref().is_some_and(|o| o.pid == pod_mode);
-        let share_ipc = opts.as_ref().is_none_or(|o| o.ipc == pod_mode);
 
         let root = format!("{GUEST_ROOTFS_DIR}/{id}");
         let req = pb::CreateContainerRequest {
@@ -290,8 +286,8 @@ impl Engine {
             }),
             stdin: config.stdin,
             stdin_once: config.stdin_once,
-            share_pid_ns_with: donor.clone().filter(|_| share_pid).unwrap_or_default(),
-            share_ipc_ns_with: donor.filter(|_| share_ipc).unwrap_or_default(),
+            share_pid_ns_with: donor.filter(|_| share_pid).unwrap_or_default(),
+            share_ipc_ns_with: String::new(),
         };
         live.vm
             .agent()
@@ -327,94 +323,6 @@ impl Engine {
             .map_err(store_status)?;
         self.follow_container(&live, &c.id, &c.log_path).await;
         Ok(())
-    }
-
-    /// Starts the log pumps and the exit watcher of a running container.
-    pub async fn follow_container(&self, live: &Arc<LivePod>, id: &str, log_path: &str) {
-        let log = if log_path.is_empty() {
-            None
-        } else {
-            match CriLog::open(Path::new(log_path)) {
-                Ok(l) => Some(Arc::new(l)),
-                Err(e) => {
-                    tracing::warn!(container = %id, path = log_path, error = %e, "cannot open the log file; output is discarded");
-                    None
-                }
-            }
-        };
-        let agent = live.vm.agent().clone();
-        let mut pumps = Vec::new();
-        for (stream, which) in [
-            (Stream::Stdout, pb::OutputStream::Stdout),
-            (Stream::Stderr, pb::OutputStream::Stderr),
-        ] {
-            pumps.push(tokio::spawn(pump(
-                agent.clone(),
-                id.to_owned(),
-                which,
-                stream,
-                log.clone(),
-            )));
-        }
-        let (tx, rx) = watch::channel(false);
-        self.ctrs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), Arc::new(LiveCtr { log, exited: rx }));
-        let store = self.store.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move {
-            let status = loop {
-                match agent.wait_process(&id, "").await {
-                    Ok(s) => break Some(s),
-                    Err(e) => {
-                        // A transport hiccup: retry while the container is still ours
-                        // and unfinished; the VM watcher handles a dead VM.
-                        match store.container(&id) {
-                            Ok(c) if c.state == ContainerState::Running => {
-                                tracing::debug!(container = %id, error = %e, "WaitProcess failed; retrying");
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                            _ => break None,
-                        }
-                    }
-                }
-            };
-            if let Some(s) = status {
-                // Let the output reach the log before the exit is visible.
-                for p in pumps {
-                    let _ = tokio::time::timeout(LOG_DRAIN, p).await;
-                }
-                let res = store.update_container(&id, |c| {
-                    c.state = ContainerState::Exited;
-                    c.exit_code = s.exit_code;
-                    // The guest clock is not the host's: only its durations count.
-                    let ran = s.exited_at_unix_ns - s.started_at_unix_ns;
-                    c.finished_at_ns = if s.started_at_unix_ns > 0 && ran >= 0 {
-                        c.started_at_ns + ran
-                    } else {
-                        now_ns()
-                    };
-                    c.reason = if s.oom_killed {
-                        "OOMKilled"
-                    } else if s.exit_code == 0 {
-                        "Completed"
-                    } else {
-                        "Error"
-                    }
-                    .into();
-                });
-                if let Err(e) = res {
-                    if !matches!(
-                        e,
-                        StoreError::NotFound { .. } | StoreError::BadTransition { .. }
-                    ) {
-                        tracing::warn!(container = %id, error = %e, "cannot record the exit");
-                    }
-                }
-            }
-            let _ = tx.send(true);
-        });
     }
 
     pub async fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), Status> {
@@ -508,6 +416,7 @@ impl Engine {
                 .release_container(&c.id)
                 .map_err(|e| Status::internal(format!("cannot release volumes: {e}")))?;
         }
+        crate::logpump::forget(&self.pod_dir(&c.pod_id), &c.id);
         self.ctrs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -640,49 +549,6 @@ impl Engine {
     }
 }
 
-/// Copies one output stream of a process into the CRI log (or drops it).
-async fn pump(
-    agent: AgentClient,
-    id: String,
-    which: pb::OutputStream,
-    stream: Stream,
-    log: Option<Arc<CriLog>>,
-) {
-    let req = pb::ReadOutputRequest {
-        container_id: id.clone(),
-        exec_id: String::new(),
-        stream: which as i32,
-    };
-    let mut s = match agent.read_output(req).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(container = %id, ?which, error = %e, "cannot read output");
-            return;
-        }
-    };
-    let mut lines = LineSplitter::default();
-    let write = |entries: Vec<_>| {
-        if let Some(log) = &log {
-            if let Err(e) = log.write(stream, &entries) {
-                tracing::warn!(container = %id, error = %e, "cannot write the log");
-            }
-        }
-    };
-    loop {
-        match s.message().await {
-            Ok(Some(chunk)) => write(lines.feed(&chunk.data)),
-            Ok(None) => break,
-            Err(e) => {
-                tracing::debug!(container = %id, ?which, error = %e, "output stream ended");
-                break;
-            }
-        }
-    }
-    if let Some(last) = lines.finish() {
-        write(vec![last]);
-    }
-}
-
 async fn read_all(
     agent: &AgentClient,
     id: &str,
@@ -693,6 +559,7 @@ async fn read_all(
         container_id: id.into(),
         exec_id: exec_id.into(),
         stream: which as i32,
+        ..Default::default()
     };
     let mut s = agent
         .read_output(req)

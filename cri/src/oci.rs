@@ -413,7 +413,10 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     }
     process.set_user(u);
     process.set_terminal(Some(c.tty));
-    process.set_no_new_privileges(Some(sc.is_some_and(|s| s.no_new_privs)));
+    // Absent rather than false when not asked for: libcontainer loads the seccomp
+    // filter after dropping capabilities whenever the field is set, which needs
+    // no_new_privs; absent, it loads it before the drop (as runc does).
+    process.set_no_new_privileges(sc.is_some_and(|s| s.no_new_privs).then_some(true));
     let caps = capabilities(privileged, sc.and_then(|s| s.capabilities.as_ref()))?;
     let mut lcaps = LinuxCapabilities::default();
     lcaps.set_bounding(Some(caps.clone()));
@@ -523,18 +526,23 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         linux.set_sysctl(Some(sysctls));
     }
     // NODE namespaces mean the VM's own: the container does not get a new one.
+    // POD IPC (the default) is the VM's too: the VM is the pod, and joining another
+    // container's namespace would fail once that container exited.
     let ns_opts = sc
         .and_then(|s| s.namespace_options.as_ref())
         .or_else(|| pod_sc.and_then(|s| s.namespace_options.as_ref()));
-    if let Some(o) = ns_opts {
-        let node = cri::NamespaceMode::Node as i32;
-        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
-        namespaces.retain(|n| {
-            !(n.typ() == LinuxNamespaceType::Pid && o.pid == node
-                || n.typ() == LinuxNamespaceType::Ipc && o.ipc == node)
-        });
-        linux.set_namespaces(Some(namespaces));
-    }
+    let (node, pod) = (
+        cri::NamespaceMode::Node as i32,
+        cri::NamespaceMode::Pod as i32,
+    );
+    let (pid_mode, ipc_mode) = ns_opts.map_or((pod, pod), |o| (o.pid, o.ipc));
+    let ipc_shared = ipc_mode == node || ipc_mode == pod;
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| {
+        !(n.typ() == LinuxNamespaceType::Pid && pid_mode == node
+            || n.typ() == LinuxNamespaceType::Ipc && ipc_shared)
+    });
+    linux.set_namespaces(Some(namespaces));
     spec.set_linux(Some(linux));
 
     let mut annotations: HashMap<String, String> = c.annotations.clone().into_iter().collect();
@@ -625,6 +633,8 @@ mod tests {
             p.args().as_ref().unwrap(),
             &["/entry", "serve", "--port=80"]
         );
+        // Unset, not false: see the seccomp ordering note in `build`.
+        assert_eq!(p.no_new_privileges(), None);
         assert_eq!(p.cwd().to_str(), Some("/srv"));
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 1000));
         assert_eq!(p.user().additional_gids().as_ref().unwrap(), &[7]);
@@ -850,6 +860,30 @@ mod tests {
             .unwrap()
             .iter()
             .all(|n| n.typ() != LinuxNamespaceType::Pid));
+    }
+
+    #[test]
+    fn pod_ipc_is_the_vms_and_container_ipc_is_new() {
+        let has_ipc = |c: &cri::ContainerConfig| {
+            let spec = build_with(c, None).unwrap();
+            let linux = spec.linux().as_ref().unwrap();
+            linux
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Ipc)
+        };
+        let mut c = cri::ContainerConfig {
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        assert!(!has_ipc(&c), "no namespace options: POD");
+        sc(&mut c).namespace_options = Some(cri::NamespaceOption {
+            ipc: cri::NamespaceMode::Container as i32,
+            ..Default::default()
+        });
+        assert!(has_ipc(&c));
     }
 
     #[test]

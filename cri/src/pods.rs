@@ -61,6 +61,8 @@ pub struct Engine {
     pub ctrs: Mutex<HashMap<String, Arc<LiveCtr>>>,
     /// Serializes the lifecycle calls of one pod (stop/remove vs. create/start).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pod networks (CNI); inert without a CNI config.
+    pub net: vessel_network::NetworkManager,
 }
 
 impl Engine {
@@ -139,6 +141,7 @@ impl Engine {
         db: Arc<redb::Database>,
     ) -> anyhow::Result<Arc<Self>> {
         let store = StateStore::open(db)?;
+        let net = crate::podnet::manager(&config);
         let engine = Arc::new(Engine {
             config,
             images,
@@ -146,6 +149,7 @@ impl Engine {
             pods: Mutex::default(),
             ctrs: Mutex::default(),
             locks: Mutex::default(),
+            net,
         });
         for pod in engine.store.pods() {
             if pod.state == PodState::Ready {
@@ -262,6 +266,7 @@ impl Engine {
                 "RunPodSandbox: metadata.name and metadata.namespace are required",
             ));
         }
+        crate::podnet::check_host_network(&config)?;
         let (handler_name, handler) = self.handler(&req.runtime_handler)?;
         let id = new_id();
         let record = PodRecord {
@@ -278,6 +283,7 @@ impl Engine {
             created_at_ns: now_ns(),
             config: config.encode_to_vec(),
             vm: None,
+            ips: Vec::new(),
         };
         self.store.add_pod(record).map_err(store_status)?;
         match self.start_pod_vm(&id, &config, &handler).await {
@@ -315,6 +321,8 @@ impl Engine {
         if let Some(live) = live {
             let _ = live.vm.stop().await;
         }
+        // After the VM: QEMU holds the tap.
+        let _ = crate::podnet::teardown(&self.net, id).await;
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -338,9 +346,13 @@ impl Engine {
                 ))
             })?;
         }
+        let pod_net = crate::podnet::setup(&self.net, id, config).await?;
         let share = ShareDir::create(&self.share_path(id))
             .map_err(|e| Status::internal(format!("pod share dir: {e}")))?;
-        let files = pod_files(config);
+        let mut files = pod_files(config);
+        if let Some(n) = &pod_net {
+            crate::podnet::adjust_pod_files(&mut files, &n.plan, config);
+        }
         for (name, contents) in &files {
             share
                 .write_pod_file(name, contents.as_bytes())
@@ -368,6 +380,12 @@ impl Engine {
         };
         vmc.accel_cache_dir = self.config.run_root.clone();
         vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        let net_plan = pod_net.map(|n| {
+            vmc.netns = Some(n.netns.path().to_path_buf());
+            let plan = n.plan.clone();
+            vmc.net = Some(crate::podnet::vm_nic(n));
+            plan
+        });
         let vm = PodVm::start(vmc)
             .await
             .map_err(|e| sandbox_status("cannot start the pod VM", e))?;
@@ -376,6 +394,17 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_owned(), live.clone());
+        if let Some(plan) = net_plan {
+            live.vm
+                .agent()
+                .configure_network(crate::podnet::configure_request(&plan, config))
+                .await
+                .map_err(|e| sandbox_status("cannot configure the guest network", e))?;
+            let ips = crate::podnet::pod_ips(&plan);
+            self.store
+                .update_pod(id, |p| p.ips = ips)
+                .map_err(store_status)?;
+        }
         Ok(live)
     }
 
@@ -434,6 +463,7 @@ impl Engine {
                 .destroy()
                 .map_err(|e| Status::internal(format!("cannot release the share dir: {e}")))?;
         }
+        crate::podnet::teardown(&self.net, &pod.id).await?;
         self.finish_containers(&pod.id, "the pod sandbox was stopped");
         self.store
             .update_pod(&pod.id, |p| p.state = PodState::NotReady)

@@ -68,14 +68,7 @@ impl RuntimeService for RuntimeSvc {
                 reason: String::new(),
                 message: String::new(),
             },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: false,
-                reason: "NetworkPluginNotReady".into(),
-                message: "vessel does not implement pod networking yet (CNI support arrives \
-                          with the network issue); pods run without a network interface"
-                    .into(),
-            },
+            crate::podnet::network_condition(&self.engine.net),
         ];
         let mut info = HashMap::new();
         if req.get_ref().verbose {

@@ -46,6 +46,9 @@ pub struct PodRecord {
     pub config: Vec<u8>,
     /// VM facts for the verbose status.
     pub vm: Option<VmFacts>,
+    /// Pod IPs from CNI, primary first (empty without pod networking).
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -442,6 +445,7 @@ mod tests {
             created_at_ns: 1,
             config: vec![1, 2, 3],
             vm: None,
+            ips: Vec::new(),
         }
     }
 

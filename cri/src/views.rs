@@ -61,8 +61,15 @@ pub fn pod_status(p: &PodRecord) -> cri::PodSandboxStatus {
         metadata: Some(pod_meta(p)),
         state: pod_state(p.state),
         created_at: p.created_at_ns,
-        // No pod networking yet: no IP.
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: p.ips.first().cloned().unwrap_or_default(),
+            additional_ips: p
+                .ips
+                .iter()
+                .skip(1)
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: namespace_options,
@@ -209,6 +216,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 256,
             }),
+            ips: vec!["10.88.0.7".into(), "fd00::7".into()],
         }
     }
 
@@ -239,6 +247,14 @@ mod tests {
         assert_eq!(
             pod_sandbox(&p).state,
             cri::PodSandboxState::SandboxReady as i32
+        );
+        let net = pod_status(&p).network.unwrap();
+        assert_eq!(net.ip, "10.88.0.7");
+        assert_eq!(
+            net.additional_ips,
+            [cri::PodIp {
+                ip: "fd00::7".into()
+            }]
         );
     }
 

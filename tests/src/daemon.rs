@@ -2,6 +2,8 @@
 //! temp dir. Killed and cleaned up on drop.
 
 use std::fs::File;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,6 +54,9 @@ pub struct TestDaemon {
     root: PathBuf,
     run_root: PathBuf,
     certs_dir: PathBuf,
+    cni_conf_dir: PathBuf,
+    /// Network namespace file vesseld is started in (None: the test's own).
+    netns: Option<PathBuf>,
     log: PathBuf,
 }
 
@@ -80,6 +85,10 @@ impl TestDaemon {
         let run_root = p.join("run");
         let certs_dir = p.join("etc/certs.d");
         std::fs::create_dir_all(&certs_dir)?;
+        // Always private (empty = no pod networking), so a machine-wide
+        // /etc/cni/net.d never leaks into a test.
+        let cni_conf_dir = p.join("etc/cni/net.d");
+        std::fs::create_dir_all(&cni_conf_dir)?;
         let text = format!(
             "listen = {socket:?}\nroot = {root:?}\nrun_root = {run_root:?}\nlog_level = \"debug\"\n\
              {extra_toml}\n",
@@ -98,6 +107,16 @@ impl TestDaemon {
                 certs_dir.display().to_string()
             ),
         )?;
+        // Unless the test sets it itself (a drop-in would override the main file).
+        if !extra_toml.contains("cni_conf_dir") {
+            std::fs::write(
+                dropins.join("00-test-network.toml"),
+                format!(
+                    "[network]\ncni_conf_dir = {:?}\n",
+                    cni_conf_dir.display().to_string()
+                ),
+            )?;
+        }
         Ok(TestDaemon {
             log: p.join("vesseld.log"),
             dir,
@@ -107,6 +126,8 @@ impl TestDaemon {
             root,
             run_root,
             certs_dir,
+            cni_conf_dir,
+            netns: None,
         })
     }
 
@@ -131,6 +152,16 @@ impl TestDaemon {
     }
     pub fn certs_dir(&self) -> &Path {
         &self.certs_dir
+    }
+    /// The daemon's private CNI config dir (empty unless a test puts a config in it
+    /// before starting vesseld; see [`TestDaemon::prepare`]).
+    pub fn cni_conf_dir(&self) -> &Path {
+        &self.cni_conf_dir
+    }
+    /// Runs vesseld (from the next start on) in the network namespace pinned at
+    /// `netns` (e.g. `/run/netns/<name>`), so CNI bridges land there.
+    pub fn set_netns(&mut self, netns: impl Into<PathBuf>) {
+        self.netns = Some(netns.into());
     }
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -204,8 +235,21 @@ impl TestDaemon {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = File::options().create(true).append(true).open(&self.log)?;
-        let child = self
-            .command()
+        let mut cmd = self.command();
+        if let Some(ns) = &self.netns {
+            let ns = File::open(ns).with_context(|| format!("open {}", ns.display()))?;
+            // SAFETY: between fork and exec only setns(2), an async-signal-safe
+            // syscall, runs; `ns` is kept open by the closure until then.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -108,14 +108,20 @@ struct Built {
     layers: Vec<Layer>,
 }
 
-fn build_image(layers: Vec<Layer>, arch: &str, user: Option<&str>) -> anyhow::Result<Built> {
+/// `config_keys` are extra keys of the image config's `config` object (`User`,
+/// `StopSignal`, ...), as strings.
+fn build_image(
+    layers: Vec<Layer>,
+    arch: &str,
+    config_keys: &[(&str, &str)],
+) -> anyhow::Result<Built> {
     let mut cfg = json!({
         "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
         "Cmd": ["sh"],
         "WorkingDir": "/",
     });
-    if let Some(user) = user {
-        cfg["User"] = json!(user);
+    for (key, value) in config_keys {
+        cfg[*key] = json!(value);
     }
     let config = serde_json::to_vec(&json!({
         "created": "2023-11-14T22:13:20Z",
@@ -159,12 +165,12 @@ async fn push_single(
     reg: Target,
     repo_tag: &str,
     layers: Vec<Layer>,
-    user: Option<&str>,
+    config_keys: &[(&str, &str)],
 ) -> anyhow::Result<PushedImage> {
     let (name, tag) = split_repo_tag(repo_tag);
     let addr = reg.addr.clone();
     let repo = Repo::new(reg, name);
-    let built = build_image(layers, "amd64", user)?;
+    let built = build_image(layers, "amd64", config_keys)?;
     let manifest_digest = push_built(&repo, &built, tag).await?;
     Ok(PushedImage {
         reference: format!("{addr}/{name}:{tag}"),
@@ -188,7 +194,7 @@ pub async fn push_busybox(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Res
         reg.into(),
         repo_tag,
         vec![busybox_layer(LayerCompression::Gzip)?],
-        None,
+        &[],
     )
     .await
 }
@@ -199,7 +205,7 @@ pub async fn push_zstd(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Result
         reg.into(),
         repo_tag,
         vec![busybox_layer(LayerCompression::Zstd)?],
-        None,
+        &[],
     )
     .await
 }
@@ -211,7 +217,18 @@ pub async fn push_with_user(
     user: &str,
 ) -> anyhow::Result<PushedImage> {
     let layers = vec![busybox_layer(LayerCompression::Gzip)?];
-    push_single(reg.into(), repo_tag, layers, Some(user)).await
+    push_single(reg.into(), repo_tag, layers, &[("User", user)]).await
+}
+
+/// Busybox whose config sets `StopSignal` (e.g. `"SIGUSR1"`), the signal
+/// StopContainer must send instead of SIGTERM.
+pub async fn push_with_stop_signal(
+    reg: impl Into<Target>,
+    repo_tag: &str,
+    signal: &str,
+) -> anyhow::Result<PushedImage> {
+    let layers = vec![busybox_layer(LayerCompression::Gzip)?];
+    push_single(reg.into(), repo_tag, layers, &[("StopSignal", signal)]).await
 }
 
 /// Three layers: (1) busybox plus `/data` and `/opaque` files; (2) `.wh.remove-me`
@@ -222,7 +239,7 @@ pub async fn push_layered_whiteouts(
     reg: impl Into<Target>,
     repo_tag: &str,
 ) -> anyhow::Result<PushedImage> {
-    push_single(reg.into(), repo_tag, whiteout_layers()?, None).await
+    push_single(reg.into(), repo_tag, whiteout_layers()?, &[]).await
 }
 
 /// The three layers of [`push_layered_whiteouts`], bottom → top (gzip).
@@ -268,14 +285,14 @@ pub async fn push_multiarch(reg: impl Into<Target>, repo_tag: &str) -> anyhow::R
     let amd = build_image(
         vec![Layer::new(amd.finish()?, LayerCompression::Gzip)?],
         "amd64",
-        None,
+        &[],
     )?;
     let mut arm = TarBuilder::new();
     arm.file("arch", b"arm64\n", 0o644)?;
     let arm = build_image(
         vec![Layer::new(arm.finish()?, LayerCompression::Gzip)?],
         "arm64",
-        None,
+        &[],
     )?;
 
     let mut entries = Vec::new();
@@ -310,7 +327,7 @@ pub async fn push_hostile(
     kind: HostileKind,
 ) -> anyhow::Result<PushedImage> {
     let layers = vec![hostile_layer(kind)?];
-    push_single(reg.into(), repo_tag, layers, None).await
+    push_single(reg.into(), repo_tag, layers, &[]).await
 }
 
 /// The layer of [`push_hostile`] (gzip).
@@ -361,7 +378,7 @@ pub async fn push_random(
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    push_single(reg.into(), repo_tag, built, None).await
+    push_single(reg.into(), repo_tag, built, &[]).await
 }
 
 /// A layer with one file `name` of `bytes` random (incompressible) bytes.

@@ -1,0 +1,461 @@
+//! Container output → CRI log, without losing a line across a `vesseld` restart.
+//!
+//! The agent keeps a stream's bytes until they are acknowledged, and every byte has
+//! a stream offset. A pump writes whole lines to the CRI log, then stores the offset
+//! up to which the log holds the stream (one small file per stream under the pod's
+//! run dir), then acknowledges it to the agent. A restarted `vesseld` reads the
+//! stored offset and asks the agent for the stream from there. A kill between the log
+//! write and the offset write repeats those lines; no order of events loses one.
+//! The offset file is not fsynced: it must survive the death of `vesseld`, not of
+//! the host (which takes the VM, and its buffers, with it).
+//!
+//! `Engine::follow_container` runs a started container's pumps and exit watcher.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vessel_proto::agent as pb;
+use vessel_sandbox::AgentClient;
+
+use crate::crilog::{CriLog, LineSplitter, Stream, Tag};
+use crate::pods::{now_ns, Engine, LiveCtr, LivePod};
+use crate::store::{ContainerState, StoreError};
+
+/// How long an exit waits for its output to reach the log file.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
+
+/// Pause between attempts to reopen a broken output stream.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Consecutive failed opens after which a pump gives up (the VM is gone).
+const MAX_RETRIES: u32 = 60;
+/// Width of the stored offset: fixed, so every store is one same-sized `pwrite`.
+const OFFSET_WIDTH: usize = 20;
+
+/// The stored offset of one output stream.
+#[derive(Debug)]
+pub struct OffsetFile {
+    file: File,
+}
+
+impl OffsetFile {
+    /// Opens (creating) the file; returns it with the offset it holds (0 when new
+    /// or unreadable: repeating output beats losing it).
+    pub fn open(path: &Path) -> std::io::Result<(Self, u64)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut buf = [0u8; OFFSET_WIDTH + 1];
+        let n = file.read_at(&mut buf, 0)?;
+        let offset = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((OffsetFile { file }, offset))
+    }
+
+    /// Records that the log holds the stream up to `offset`. One `pwrite` of a
+    /// fixed size at 0: a killed `vesseld` leaves the old value or the new one.
+    pub fn store(&self, offset: u64) -> std::io::Result<()> {
+        let text = format!("{offset:0width$}\n", width = OFFSET_WIDTH);
+        self.file.write_all_at(text.as_bytes(), 0)
+    }
+}
+
+fn stream_name(which: pb::OutputStream) -> &'static str {
+    match which {
+        pb::OutputStream::Stdout => "stdout",
+        pb::OutputStream::Stderr => "stderr",
+    }
+}
+
+/// Where the stored offset of one stream of a container lives.
+pub fn offset_path(pod_dir: &Path, container_id: &str, which: pb::OutputStream) -> PathBuf {
+    pod_dir
+        .join("output")
+        .join(format!("{container_id}.{}", stream_name(which)))
+}
+
+/// Drops a removed container's stored offsets.
+pub fn forget(pod_dir: &Path, container_id: &str) {
+    for which in [pb::OutputStream::Stdout, pb::OutputStream::Stderr] {
+        let _ = std::fs::remove_file(offset_path(pod_dir, container_id, which));
+    }
+}
+
+/// Starts one pump per output stream of a container's main process; each ends when
+/// its stream does (process gone, everything logged) or the container is gone.
+pub fn spawn_pumps(
+    agent: &AgentClient,
+    pod_dir: &Path,
+    container_id: &str,
+    log: Option<Arc<CriLog>>,
+) -> Vec<JoinHandle<()>> {
+    [
+        (Stream::Stdout, pb::OutputStream::Stdout),
+        (Stream::Stderr, pb::OutputStream::Stderr),
+    ]
+    .into_iter()
+    .map(|(stream, which)| {
+        tokio::spawn(
+            Pump {
+                agent: agent.clone(),
+                id: container_id.to_owned(),
+                which,
+                stream,
+                log: log.clone(),
+                offset_path: offset_path(pod_dir, container_id, which),
+            }
+            .run(),
+        )
+    })
+    .collect()
+}
+
+impl Engine {
+    /// Starts the log pumps and the exit watcher of a running container.
+    pub async fn follow_container(&self, live: &Arc<LivePod>, id: &str, log_path: &str) {
+        let log = if log_path.is_empty() {
+            None
+        } else {
+            match CriLog::open(Path::new(log_path)) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) => {
+                    tracing::warn!(container = %id, path = log_path, error = %e, "cannot open the log file; output is discarded");
+                    None
+                }
+            }
+        };
+        let agent = live.vm.agent().clone();
+        let pumps = spawn_pumps(&agent, &self.pod_dir(live.vm.id()), id, log.clone());
+        let (tx, rx) = watch::channel(false);
+        self.ctrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), Arc::new(LiveCtr { log, exited: rx }));
+        let store = self.store.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let status = loop {
+                match agent.wait_process(&id, "").await {
+                    Ok(s) => break Some(s),
+                    Err(e) => {
+                        // A transport hiccup: retry while the container is still ours
+                        // and unfinished; the VM watcher handles a dead VM.
+                        match store.container(&id) {
+                            Ok(c) if c.state == ContainerState::Running => {
+                                tracing::debug!(container = %id, error = %e, "WaitProcess failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            _ => break None,
+                        }
+                    }
+                }
+            };
+            if let Some(s) = status {
+                // Let the output reach the log before the exit is visible.
+                for p in pumps {
+                    let _ = tokio::time::timeout(LOG_DRAIN, p).await;
+                }
+                let res = store.update_container(&id, |c| {
+                    c.state = ContainerState::Exited;
+                    c.exit_code = s.exit_code;
+                    // The guest clock is not the host's: only its durations count.
+                    let ran = s.exited_at_unix_ns - s.started_at_unix_ns;
+                    c.finished_at_ns = if s.started_at_unix_ns > 0 && ran >= 0 {
+                        c.started_at_ns + ran
+                    } else {
+                        now_ns()
+                    };
+                    c.reason = if s.oom_killed {
+                        "OOMKilled"
+                    } else if s.exit_code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    }
+                    .into();
+                });
+                if let Err(e) = res {
+                    if !matches!(
+                        e,
+                        StoreError::NotFound { .. } | StoreError::BadTransition { .. }
+                    ) {
+                        tracing::warn!(container = %id, error = %e, "cannot record the exit");
+                    }
+                }
+            }
+            let _ = tx.send(true);
+        });
+    }
+}
+
+/// Bytes of the stream that a batch of entries accounts for.
+fn consumed(entries: &[(Tag, Vec<u8>)]) -> u64 {
+    entries
+        .iter()
+        .map(|(tag, msg)| msg.len() as u64 + u64::from(*tag == Tag::Full))
+        .sum()
+}
+
+fn gone(e: &vessel_sandbox::Error) -> bool {
+    matches!(e, vessel_sandbox::Error::Agent(s) if s.code() == tonic::Code::NotFound)
+}
+
+/// Copies one output stream of a container's main process into the CRI log.
+struct Pump {
+    agent: AgentClient,
+    id: String,
+    which: pb::OutputStream,
+    stream: Stream,
+    log: Option<Arc<CriLog>>,
+    offset_path: PathBuf,
+}
+
+/// How one ReadOutput stream ended.
+enum End {
+    /// Everything was read and logged.
+    Done,
+    /// The container is gone from the agent.
+    Gone,
+    /// A transport error: open the stream again from the stored offset.
+    Broken,
+}
+
+impl Pump {
+    async fn run(self) {
+        let (file, mut done) = match OffsetFile::open(&self.offset_path) {
+            Ok((f, o)) => (Some(f), o),
+            Err(e) => {
+                tracing::warn!(container = %self.id, path = %self.offset_path.display(), error = %e,
+                    "cannot open the output offset file; a vesseld restart may repeat output");
+                (None, 0)
+            }
+        };
+        // Acks go out from their own task so a slow ack never holds up the log, and
+        // a burst of writes coalesces into one ack of the latest offset.
+        let (acked_tx, acked_rx) = watch::channel(done);
+        let acker = tokio::spawn(ack_loop(
+            self.agent.clone(),
+            self.id.clone(),
+            self.which,
+            acked_rx,
+        ));
+        let mut failures = 0;
+        loop {
+            let req = pb::ReadOutputRequest {
+                container_id: self.id.clone(),
+                exec_id: String::new(),
+                stream: self.which as i32,
+                offset: done,
+                explicit_ack: true,
+            };
+            let end = match self.agent.read_output(req).await {
+                Ok(s) => {
+                    self.copy(s, &mut done, file.as_ref(), &acked_tx, &mut failures)
+                        .await
+                }
+                Err(e) if gone(&e) => End::Gone,
+                Err(e) => {
+                    tracing::debug!(container = %self.id, which = ?self.which, error = %e, "cannot open output");
+                    End::Broken
+                }
+            };
+            match end {
+                End::Done | End::Gone => break,
+                End::Broken => {
+                    failures += 1;
+                    if failures > MAX_RETRIES {
+                        tracing::warn!(container = %self.id, which = ?self.which,
+                            "output stream keeps failing; giving up");
+                        break;
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        drop(acked_tx);
+        let _ = acker.await;
+    }
+
+    /// Copies one open stream from `*done`, advancing `*done` (and its file and the
+    /// ack) past every byte the log holds.
+    async fn copy(
+        &self,
+        mut s: tonic::Streaming<pb::OutputChunk>,
+        done: &mut u64,
+        file: Option<&OffsetFile>,
+        acked: &watch::Sender<u64>,
+        failures: &mut u32,
+    ) -> End {
+        // Bytes not yet in the log (an unfinished line) are read again after a
+        // reopen, so every stream starts with an empty splitter at `*done`.
+        let mut lines = LineSplitter::default();
+        let mut next = *done;
+        let commit = |entries: Vec<(Tag, Vec<u8>)>, done: &mut u64| {
+            if entries.is_empty() {
+                return;
+            }
+            self.write(&entries);
+            *done += consumed(&entries);
+            if let Some(f) = file {
+                if let Err(e) = f.store(*done) {
+                    tracing::warn!(container = %self.id, error = %e, "cannot store the output offset");
+                }
+            }
+            acked.send_replace(*done);
+        };
+        loop {
+            match s.message().await {
+                Ok(Some(chunk)) => {
+                    *failures = 0;
+                    let mut data = chunk.data.as_slice();
+                    if chunk.offset > next {
+                        // The agent no longer has these bytes; nothing brings them back.
+                        tracing::warn!(container = %self.id, which = ?self.which,
+                            lost = chunk.offset - next, "output bytes were lost");
+                        if let Some(last) = lines.finish() {
+                            self.write(&[last]);
+                        }
+                        *done = chunk.offset;
+                        next = chunk.offset;
+                    }
+                    let skip = (next - chunk.offset).min(data.len() as u64) as usize;
+                    data = &data[skip..];
+                    next += data.len() as u64;
+                    commit(lines.feed(data), done);
+                }
+                Ok(None) => {
+                    // The last line has no newline: what was fed is what is logged.
+                    if let Some(last) = lines.finish() {
+                        self.write(&[last]);
+                    }
+                    *done = next;
+                    if let Some(f) = file {
+                        let _ = f.store(*done);
+                    }
+                    acked.send_replace(*done);
+                    return End::Done;
+                }
+                Err(e) if e.code() == tonic::Code::NotFound => return End::Gone,
+                Err(e) => {
+                    tracing::debug!(container = %self.id, which = ?self.which, error = %e, "output stream broke");
+                    return End::Broken;
+                }
+            }
+        }
+    }
+
+    fn write(&self, entries: &[(Tag, Vec<u8>)]) {
+        if let Some(log) = &self.log {
+            // A log that cannot be written drops output, as with no log at all:
+            // holding it would block the container forever.
+            if let Err(e) = log.write(self.stream, entries) {
+                tracing::warn!(container = %self.id, error = %e, "cannot write the log");
+            }
+        }
+    }
+}
+
+/// Acknowledges the latest logged offset until the pump ends.
+async fn ack_loop(
+    agent: AgentClient,
+    id: String,
+    which: pb::OutputStream,
+    mut rx: watch::Receiver<u64>,
+) {
+    let mut sent = None;
+    loop {
+        let offset = *rx.borrow_and_update();
+        if sent != Some(offset) {
+            let req = pb::AckOutputRequest {
+                container_id: id.clone(),
+                exec_id: String::new(),
+                stream: which as i32,
+                offset,
+            };
+            match agent.ack_output(req).await {
+                Ok(_) => sent = Some(offset),
+                Err(e) if gone(&e) => return,
+                Err(e) => {
+                    // Unacked bytes only cost guest buffer space; the next change
+                    // (or a reconnect) acks them.
+                    tracing::debug!(container = %id, ?which, error = %e, "AckOutput failed");
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            // The pump ended: one last ack of its final offset.
+            let last = *rx.borrow();
+            if sent != Some(last) {
+                let _ = agent
+                    .ack_output(pb::AckOutputRequest {
+                        container_id: id.clone(),
+                        exec_id: String::new(),
+                        stream: which as i32,
+                        offset: last,
+                    })
+                    .await;
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_persist_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = offset_path(dir.path(), "c1", pb::OutputStream::Stderr);
+        assert!(path.ends_with("output/c1.stderr"));
+        let (f, start) = OffsetFile::open(&path).unwrap();
+        assert_eq!(start, 0, "a new stream starts at 0");
+        f.store(12).unwrap();
+        f.store(123_456_789_012).unwrap();
+        drop(f);
+        // A restarted vesseld finds the last value.
+        let (f, start) = OffsetFile::open(&path).unwrap();
+        assert_eq!(start, 123_456_789_012);
+        // A smaller value overwrites a longer one completely (fixed width).
+        f.store(7).unwrap();
+        assert_eq!(OffsetFile::open(&path).unwrap().1, 7);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.len(), OFFSET_WIDTH + 1);
+        // The other stream and container are separate; forget removes both streams.
+        let out = offset_path(dir.path(), "c1", pb::OutputStream::Stdout);
+        OffsetFile::open(&out).unwrap().0.store(3).unwrap();
+        forget(dir.path(), "c1");
+        assert!(!path.exists() && !out.exists());
+    }
+
+    #[test]
+    fn garbage_offset_reads_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        std::fs::write(&path, b"not a number").unwrap();
+        assert_eq!(OffsetFile::open(&path).unwrap().1, 0);
+    }
+
+    #[test]
+    fn entries_account_for_their_bytes() {
+        let mut s = LineSplitter::default();
+        let mut long = vec![b'x'; crate::crilog::MAX_LINE + 5];
+        long.extend_from_slice(b"\nab\n\npart");
+        let entries = s.feed(&long);
+        // Everything but the unfinished "part" is in the entries.
+        assert_eq!(consumed(&entries), (long.len() - 4) as u64);
+    }
+}
