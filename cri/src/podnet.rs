@@ -220,6 +220,21 @@ pub fn configure_request(
     }
 }
 
+/// The pod's /etc/resolv.conf for these servers, search domains and options.
+pub fn resolv_conf(servers: &[String], searches: &[String], options: &[String]) -> String {
+    let mut resolv = String::new();
+    for s in servers {
+        resolv.push_str(&format!("nameserver {s}\n"));
+    }
+    if !searches.is_empty() {
+        resolv.push_str(&format!("search {}\n", searches.join(" ")));
+    }
+    if !options.is_empty() {
+        resolv.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    resolv
+}
+
 /// Containers bind-mount the pod files from the share dir: give them the CNI DNS
 /// when the CRI sent none, and the pod IPs in /etc/hosts.
 pub fn adjust_pod_files(
@@ -228,17 +243,10 @@ pub fn adjust_pod_files(
     config: &cri::PodSandboxConfig,
 ) {
     let d = dns(plan, config);
-    let mut resolv = String::new();
-    for s in &d.servers {
-        resolv.push_str(&format!("nameserver {s}\n"));
-    }
-    if !d.searches.is_empty() {
-        resolv.push_str(&format!("search {}\n", d.searches.join(" ")));
-    }
-    if !d.options.is_empty() {
-        resolv.push_str(&format!("options {}\n", d.options.join(" ")));
-    }
-    files.insert("resolv.conf", resolv);
+    files.insert(
+        "resolv.conf",
+        resolv_conf(&d.servers, &d.searches, &d.options),
+    );
     let name = hostname(config);
     if let Some(hosts) = files.get_mut("hosts") {
         for ip in pod_ips(plan) {

@@ -526,18 +526,11 @@ pub fn pod_files(config: &cri::PodSandboxConfig) -> BTreeMap<&'static str, Strin
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
     );
-    let mut resolv = String::new();
-    if let Some(dns) = &config.dns_config {
-        for s in &dns.servers {
-            resolv.push_str(&format!("nameserver {s}\n"));
-        }
-        if !dns.searches.is_empty() {
-            resolv.push_str(&format!("search {}\n", dns.searches.join(" ")));
-        }
-        if !dns.options.is_empty() {
-            resolv.push_str(&format!("options {}\n", dns.options.join(" ")));
-        }
-    }
+    let resolv = config
+        .dns_config
+        .as_ref()
+        .map(|dns| crate::podnet::resolv_conf(&dns.servers, &dns.searches, &dns.options))
+        .unwrap_or_default();
     BTreeMap::from([
         ("hosts", hosts),
         ("resolv.conf", resolv),
