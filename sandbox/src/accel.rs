@@ -77,22 +77,7 @@ pub fn resolve(accel: Accel, cache_dir: &Path) -> Result<ResolvedAccel> {
         Accel::Kvm => Ok(ResolvedAccel::Kvm),
         Accel::Tcg => Ok(ResolvedAccel::Tcg),
         Accel::Auto => {
-            let cache = cache_dir.join(VERDICT_FILE);
-            let verdict = match std::fs::read(&cache)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Verdict>(&b).ok())
-            {
-                Some(v) => v,
-                None => {
-                    let v = judge_kvm();
-                    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-                    let tmp = cache.with_extension("tmp");
-                    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)
-                        .map_err(|e| Error::io(&tmp, e))?;
-                    std::fs::rename(&tmp, &cache).map_err(|e| Error::io(&cache, e))?;
-                    v
-                }
-            };
+            let verdict = cached_verdict(cache_dir)?;
             if verdict.kvm_usable {
                 Ok(ResolvedAccel::Kvm)
             } else {
@@ -101,6 +86,36 @@ pub fn resolve(accel: Accel, cache_dir: &Path) -> Result<ResolvedAccel> {
             }
         }
     }
+}
+
+/// Serializes first-time probes within this process: concurrent RunPodSandbox calls
+/// on a fresh host would otherwise all probe and race on the cache file.
+static PROBE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn read_verdict(cache: &Path) -> Option<Verdict> {
+    std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Verdict>(&b).ok())
+}
+
+/// The cached verdict, probing (once) when there is none.
+fn cached_verdict(cache_dir: &Path) -> Result<Verdict> {
+    let cache = cache_dir.join(VERDICT_FILE);
+    if let Some(v) = read_verdict(&cache) {
+        return Ok(v);
+    }
+    let _guard = PROBE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(v) = read_verdict(&cache) {
+        return Ok(v);
+    }
+    let v = judge_kvm();
+    std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    // A per-process temp name keeps two daemons (or a daemon and a tool) probing at
+    // once from renaming each other's file away; the rename itself is atomic.
+    let tmp = cache_dir.join(format!("{VERDICT_FILE}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &cache).map_err(|e| Error::io(&cache, e))?;
+    Ok(v)
 }
 
 fn judge_kvm() -> Verdict {
@@ -266,5 +281,26 @@ mod tests {
         eprintln!("verdict: {cached:?}");
         assert_eq!(cached.kvm_usable, first == ResolvedAccel::Kvm);
         assert_eq!(resolve(Accel::Auto, dir.path()).unwrap(), first);
+    }
+
+    #[test]
+    fn concurrent_first_probes_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| resolve(Accel::Auto, dir.path())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let first = results[0].as_ref().unwrap();
+        for r in &results {
+            assert_eq!(r.as_ref().unwrap(), first);
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != VERDICT_FILE)
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     }
 }
