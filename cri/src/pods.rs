@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_cri::v1 as cri;
 use prost::Message as _;
@@ -16,7 +16,13 @@ use vessel_storage::sharedir::ShareDir;
 
 use crate::config::{Accel, Config, RuntimeHandlerConfig, DEFAULT_HANDLER};
 use crate::crilog::CriLog;
-use crate::store::{new_id, ContainerState, PodRecord, PodState, StateStore, StoreError, VmFacts};
+use crate::store::{
+    new_id, ContainerState, PodRecord, PodState, StartupTimings, StateStore, StoreError, VmFacts,
+};
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -161,6 +167,7 @@ impl Engine {
                 if let Err(e) = ShareDir::existing(&engine.share_path(&pod.id)).destroy() {
                     tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
                 }
+                engine.release_network(&pod.id).await;
                 engine.finish_containers(&pod.id, "the pod sandbox is not running");
             }
         }
@@ -191,7 +198,17 @@ impl Engine {
                 if let Err(e) = share.destroy() {
                     tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
                 }
+                self.release_network(&pod.id).await;
             }
+        }
+    }
+
+    /// Gives back the IP and the netns of a pod found dead at start-up at once, not at
+    /// its StopPodSandbox, which may come much later or never. Stop runs it again;
+    /// teardown is idempotent.
+    async fn release_network(&self, pod_id: &str) {
+        if let Err(e) = crate::podnet::teardown(&self.net, pod_id).await {
+            tracing::warn!(pod = %pod_id, error = %e.message(), "cannot release the pod network");
         }
     }
 
@@ -268,6 +285,7 @@ impl Engine {
         }
         crate::podnet::check_host_network(&config)?;
         let (handler_name, handler) = self.handler(&req.runtime_handler)?;
+        let started = Instant::now();
         let id = new_id();
         let record = PodRecord {
             id: id.clone(),
@@ -287,12 +305,15 @@ impl Engine {
         };
         self.store.add_pod(record).map_err(store_status)?;
         match self.start_pod_vm(&id, &config, &handler).await {
-            Ok(live) => {
+            Ok((live, mut startup)) => {
+                startup.total_ms = millis(started.elapsed());
+                tracing::debug!(pod = %id, ?startup, "pod sandbox started");
                 let facts = VmFacts {
                     pid: live.vm.vmm_pid(),
                     accel: format!("{:?}", live.vm.accel()).to_lowercase(),
                     vcpus: handler.vcpus,
                     memory_mib: handler.memory_mib,
+                    startup,
                 };
                 let res = self.store.update_pod(&id, |p| {
                     p.state = PodState::Ready;
@@ -337,7 +358,8 @@ impl Engine {
         id: &str,
         config: &cri::PodSandboxConfig,
         handler: &RuntimeHandlerConfig,
-    ) -> Result<Arc<LivePod>, Status> {
+    ) -> Result<(Arc<LivePod>, StartupTimings), Status> {
+        let mut timings = StartupTimings::default();
         if !config.log_directory.is_empty() {
             std::fs::create_dir_all(&config.log_directory).map_err(|e| {
                 Status::internal(format!(
@@ -346,7 +368,10 @@ impl Engine {
                 ))
             })?;
         }
+        let phase = Instant::now();
         let pod_net = crate::podnet::setup(&self.net, id, config).await?;
+        timings.network_ms = millis(phase.elapsed());
+        let phase = Instant::now();
         let share = ShareDir::create(&self.share_path(id))
             .map_err(|e| Status::internal(format!("pod share dir: {e}")))?;
         let mut files = pod_files(config);
@@ -361,6 +386,7 @@ impl Engine {
         share
             .expose_layers(&self.snapshots_root())
             .map_err(|e| Status::internal(format!("image layers: {e}")))?;
+        timings.share_ms = millis(phase.elapsed());
 
         let kernel = handler
             .kernel
@@ -389,12 +415,17 @@ impl Engine {
         let vm = PodVm::start(vmc)
             .await
             .map_err(|e| sandbox_status("cannot start the pod VM", e))?;
+        if let Some(boot) = vm.boot_timing() {
+            timings.helpers_ms = millis(boot.helpers);
+            timings.vm_to_agent_ms = millis(boot.vmm_to_agent);
+        }
         let live = Arc::new(LivePod { vm, share });
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_owned(), live.clone());
         if let Some(plan) = net_plan {
+            let phase = Instant::now();
             live.vm
                 .agent()
                 .configure_network(crate::podnet::configure_request(&plan, config))
@@ -404,8 +435,9 @@ impl Engine {
             self.store
                 .update_pod(id, |p| p.ips = ips)
                 .map_err(store_status)?;
+            timings.guest_network_ms = millis(phase.elapsed());
         }
-        Ok(live)
+        Ok((live, timings))
     }
 
     /// Stops a pod: its containers, its VM, its mounts. Gone or stopped: success.

@@ -57,6 +57,27 @@ pub struct VmFacts {
     pub accel: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Where RunPodSandbox spent its time.
+    #[serde(default)]
+    pub startup: StartupTimings,
+}
+
+/// The phases of RunPodSandbox, in milliseconds: what the benchmark's breakdown and
+/// an operator chasing a slow pod start read from the verbose status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupTimings {
+    /// netns, CNI ADD and the tap.
+    pub network_ms: u64,
+    /// Share dir, pod files and image layers exposed to the guest.
+    pub share_ms: u64,
+    /// Accelerator choice, virtiofsd and the vsock helper.
+    pub helpers_ms: u64,
+    /// QEMU spawned until the agent answered Health.
+    pub vm_to_agent_ms: u64,
+    /// The guest's interfaces, routes and DNS through the agent.
+    pub guest_network_ms: u64,
+    /// The whole RPC.
+    pub total_ms: u64,
 }
 
 /// What vesseld remembers of a container.

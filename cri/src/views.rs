@@ -91,6 +91,14 @@ pub fn pod_info(p: &PodRecord) -> serde_json::Value {
         "accel": vm.map(|v| v.accel.clone()),
         "vcpus": vm.map(|v| v.vcpus),
         "memoryMib": vm.map(|v| v.memory_mib),
+        "startupMs": vm.map(|v| serde_json::json!({
+            "network": v.startup.network_ms,
+            "share": v.startup.share_ms,
+            "helpers": v.startup.helpers_ms,
+            "vmToAgent": v.startup.vm_to_agent_ms,
+            "guestNetwork": v.startup.guest_network_ms,
+            "total": v.startup.total_ms,
+        })),
     })
 }
 
@@ -215,6 +223,10 @@ mod tests {
                 accel: "tcg".into(),
                 vcpus: 1,
                 memory_mib: 256,
+                startup: crate::store::StartupTimings {
+                    vm_to_agent_ms: 2100,
+                    ..Default::default()
+                },
             }),
             ips: vec!["10.88.0.7".into(), "fd00::7".into()],
         }
@@ -244,6 +256,7 @@ mod tests {
         let info = pod_info(&p);
         assert_eq!(info["vmPid"], 42);
         assert_eq!(info["accel"], "tcg");
+        assert_eq!(info["startupMs"]["vmToAgent"], 2100);
         assert_eq!(
             pod_sandbox(&p).state,
             cri::PodSandboxState::SandboxReady as i32
