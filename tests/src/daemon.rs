@@ -19,7 +19,7 @@ use crate::cri::CriClient;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The vesseld binary to test: `$VESSELD_BIN`; else `vesseld` in the target dir this
-/// test binary was built in; else `$CARGO_TARGET_DIR/debug`; else
+/// binary was built in; else `$CARGO_TARGET_DIR/debug`; else
 /// `<workspace>/target/debug`. `cargo test` does not build another package's
 /// binaries: run `cargo build -p vessel-cri` first.
 pub fn vesseld_bin() -> PathBuf {
@@ -28,9 +28,12 @@ pub fn vesseld_bin() -> PathBuf {
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
-        // <target>/debug/deps/<test-binary>
-        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile_dir.join("vesseld"));
+        // <target>/debug/<binary> or <target>/debug/deps/<test-binary>
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("vesseld"));
+            if let Some(profile_dir) = dir.parent() {
+                candidates.push(profile_dir.join("vesseld"));
+            }
         }
     }
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {

@@ -381,6 +381,34 @@ pub async fn push_random(
     push_single(reg.into(), repo_tag, built, &[]).await
 }
 
+/// An image of the given layers (amd64, busybox-style config) pushed as `repo_tag`.
+pub async fn push_layers(
+    reg: impl Into<Target>,
+    repo_tag: &str,
+    layers: Vec<Layer>,
+) -> anyhow::Result<PushedImage> {
+    push_single(reg.into(), repo_tag, layers, &[]).await
+}
+
+/// A layer of `files` random (incompressible) files of `file_bytes` each, under
+/// `dir/`: the shape of an application layer, many files rather than one.
+pub fn random_files_layer(
+    dir: &str,
+    files: usize,
+    file_bytes: usize,
+    compression: LayerCompression,
+) -> anyhow::Result<Layer> {
+    let mut rng = rand::rng();
+    let mut data = vec![0u8; file_bytes];
+    let mut b = TarBuilder::new();
+    b.dir(dir, 0o755)?;
+    for i in 0..files {
+        rng.fill_bytes(&mut data);
+        b.file(&format!("{dir}/file-{i:04}"), &data, 0o644)?;
+    }
+    Layer::new(b.finish()?, compression)
+}
+
 /// A layer with one file `name` of `bytes` random (incompressible) bytes.
 pub fn random_layer(
     name: &str,

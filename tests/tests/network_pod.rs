@@ -2,24 +2,19 @@
 //! (a "test host"), so the CNI bridge, pod subnets and iptables rules live there and
 //! never touch the machine's own network. Two pod VMs in all (TCG is slow).
 
+mod network_common;
 mod runtime_common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
+use network_common::*;
 use runtime_common::*;
 use tonic::Code;
 use vessel_tests::cri::CriClient;
 use vessel_tests::daemon::TestDaemon;
 use vessel_tests::registry::TestRegistry;
 use vessel_tests::testimages;
-
-const CONFLIST: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../docs/examples/10-vessel.conflist"
-);
 
 /// Counts one connection's bytes on the bridge address (with a deadline).
 const SINK: &str = concat!(
@@ -34,84 +29,6 @@ const SINK: &str = concat!(
     "d=time.time()-t\n",
     "print('%d bytes in %.3f s = %.1f MiB/s'%(n,d,n/d/1048576))\n",
 );
-
-/// A named netns standing in for the node; deleted on drop.
-struct TestHost {
-    name: String,
-}
-
-impl TestHost {
-    fn new() -> TestHost {
-        let name = format!("vtest-{:08x}", rand::random::<u32>());
-        run("ip", &["netns", "add", &name]);
-        let host = TestHost { name };
-        run("ip", &["-n", &host.name, "link", "set", "lo", "up"]);
-        host
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// Runs a command in the test host namespace: (success, stdout + stderr).
-    fn exec(&self, cmd: &[&str]) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .output()
-            .expect("ip netns exec");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    /// An HTTP/1.0 GET of /index.html from the test host (response with headers).
-    fn http_get(&self, ip: &str, port: u16) -> String {
-        let (_, out) = self.exec(&[
-            "sh",
-            "-c",
-            &format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip} {port}"),
-        ]);
-        out
-    }
-
-    fn links(&self) -> Vec<String> {
-        let (_, out) = self.exec(&["ip", "-o", "link", "show"]);
-        out.lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-            .collect()
-    }
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(prog: &str, args: &[&str]) {
-    let st = Command::new(prog).args(args).status().expect(prog);
-    assert!(st.success(), "{prog} {args:?}: {st}");
-}
-
-/// The example conflist with host-local's store inside the test dir.
-fn install_conflist(d: &TestDaemon) {
-    let mut conf: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(CONFLIST).unwrap()).unwrap();
-    conf["plugins"][0]["ipam"]["dataDir"] =
-        serde_json::Value::String(d.dir().join("cni-ipam").display().to_string());
-    std::fs::write(
-        d.cni_conf_dir().join("10-vessel.conflist"),
-        serde_json::to_vec_pretty(&conf).unwrap(),
-    )
-    .unwrap();
-}
 
 /// A registry + vesseld in `host` with busybox pulled (pulled before moving into the
 /// namespace: the registry listens on the machine's loopback).
@@ -143,20 +60,6 @@ async fn setup(host: &TestHost) -> Option<(TestRegistry, TestDaemon, CriClient, 
     d.restart().unwrap();
     let c = d.client().await.unwrap();
     Some((reg, d, c, img.reference))
-}
-
-async fn network_ready(c: &mut CriClient) -> cri::RuntimeCondition {
-    c.runtime
-        .status(cri::StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.r#type == "NetworkReady")
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -191,20 +94,6 @@ async fn network_ready_follows_the_cni_conf_dir_and_host_network_is_refused() {
     assert!(e.message().contains("host networking"), "{e:?}");
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.path().is_dir() {
-                out.extend(files_under(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 async fn exec_ok(c: &mut CriClient, ctr: &str, cmd: &[&str]) -> String {
     let r = exec(c, ctr, cmd, 30).await.expect("ExecSync");
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
@@ -219,7 +108,7 @@ async fn exec_ok(c: &mut CriClient, ctr: &str, cmd: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_get_ips_talk_to_each_other_and_leave_nothing_behind() {
-    let host = TestHost::new();
+    let host = TestHost::new("vtest").expect("test host netns");
     let Some((_reg, mut d, mut c, image)) = setup(&host).await else {
         return;
     };
@@ -352,7 +241,7 @@ async fn pods_get_ips_talk_to_each_other_and_leave_nothing_behind() {
     // Throughput pod B -> test host (measured, not asserted): a python sink in the
     // test host counts what B's nc sends.
     let sink = std::process::Command::new("ip")
-        .args(["netns", "exec", &host.name, "python3", "-c", SINK])
+        .args(["netns", "exec", host.name(), "python3", "-c", SINK])
         .stdout(std::process::Stdio::piped())
         .spawn();
     if let Ok(sink) = sink {

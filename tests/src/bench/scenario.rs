@@ -1,0 +1,531 @@
+//! The rows, in the order they are measured.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use vessel_sandbox::{Accel, ResolvedAccel};
+
+use super::janitor::{pids_naming, Janitor};
+use super::memory::{pss_of, Pss};
+use super::stats::{Samples, Unit};
+use super::table::{format_value, ratio};
+use super::{channel, floor, machine, peer, pods, Options, Plan, SharedTable};
+use crate::cri::CriClient;
+use crate::daemon::TestDaemon;
+use crate::registry::TestRegistry;
+use crate::testhost::TestHost;
+use crate::testimages::{self, LayerCompression};
+
+const FLOOR: &str = "1. floor: QEMU spawn → agent Health (direct, no vesseld)";
+const RUN_PLAIN: &str = "2. RunPodSandbox, no network";
+const RUN_CNI: &str = "2. RunPodSandbox, CNI bridge";
+const LAYERS: usize = 5;
+const MIB: usize = 1 << 20;
+
+/// What every phase needs.
+struct Env {
+    plan: Plan,
+    work: PathBuf,
+    janitor: Arc<Janitor>,
+    registry: TestRegistry,
+    busybox: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    accel: ResolvedAccel,
+    table: SharedTable,
+}
+
+impl Env {
+    fn add(&self, label: &str, unit: Unit, samples: Samples, note: impl Into<String>) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.add(label, unit, samples, note);
+    }
+
+    fn median(&self, label: &str) -> Option<f64> {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .median_of(label)
+    }
+
+    /// A private vesseld (info logging), owned by the janitor, mirroring the
+    /// registry. `netns`: run it there, with the example CNI config.
+    async fn daemon(&self, netns: Option<&TestHost>) -> anyhow::Result<(TestDaemon, CriClient)> {
+        let extra = format!(
+            "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = {}\n",
+            self.kernel.display().to_string(),
+            self.initrd.display().to_string(),
+            self.plan.memory_mib,
+        );
+        let mut d = TestDaemon::prepare(&extra)?;
+        self.janitor.own_dir(d.dir());
+        std::fs::write(
+            d.dropin_dir().join("50-bench.toml"),
+            "log_level = \"info\"\n",
+        )?;
+        d.write_hosts_toml(&self.registry.addr(), &self.registry.url())?;
+        if let Some(host) = netns {
+            install_conflist(&d)?;
+            d.set_netns(host.path());
+        }
+        d.restart()?;
+        let c = d.client().await?;
+        Ok((d, c))
+    }
+}
+
+/// Runs every row into `table`; whatever it started is the janitor's to sweep.
+pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> anyhow::Result<()> {
+    let plan = Plan::new(opts.quick);
+    let kernel = opts.guest_dir.join("vmlinux");
+    let initrd = opts.guest_dir.join("initrd.img");
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            bail!(
+                "no guest at {}: run the README's set-up (scripts/setup.sh) or pass --guest-dir",
+                f.display()
+            );
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix("vbench")
+        .tempdir_in("/tmp")?
+        .keep();
+    janitor.own_dir(&work);
+    let accel_dir = work.clone();
+    let accel = tokio::task::spawn_blocking(move || {
+        vessel_sandbox::accel::resolve(Accel::Auto, &accel_dir)
+    })
+    .await??;
+    table.lock().unwrap_or_else(|p| p.into_inner()).machine =
+        machine::describe(&opts.guest_dir, &format!("{accel:?}").to_lowercase());
+
+    let registry =
+        TestRegistry::start().context("starting the registry (Debian's docker-registry)")?;
+    let busybox = testimages::push_busybox(&registry, "bench/busybox:1")
+        .await?
+        .reference;
+    let env = Env {
+        plan,
+        work,
+        janitor,
+        registry,
+        busybox,
+        kernel,
+        initrd,
+        accel,
+        table,
+    };
+
+    floor_row(&env).await.context("floor")?;
+    pods_without_network(&env)
+        .await
+        .context("RunPodSandbox without network")?;
+    pods_with_cni(&env)
+        .await
+        .context("RunPodSandbox with CNI")?;
+    containers_and_channel(&env).await.context("containers")?;
+    parallel_pods(&env).await.context("parallel pods")?;
+    pull(&env, opts.peer).await.context("image pull")?;
+    Ok(())
+}
+
+async fn floor_row(env: &Env) -> anyhow::Result<()> {
+    let mut samples = Samples::new();
+    for i in 0..env.plan.boots {
+        let boot = floor::boot_once(
+            &env.work,
+            &format!("floor{i}"),
+            &env.kernel,
+            &env.initrd,
+            env.plan.memory_mib,
+            env.accel,
+        )
+        .await?;
+        samples.push_duration(boot.vmm_to_agent);
+    }
+    env.add(
+        FLOOR,
+        Unit::Millis,
+        samples,
+        format!(
+            "same kernel, initrd, 1 vCPU, {} MiB, virtiofs + vsock",
+            env.plan.memory_mib
+        ),
+    );
+    Ok(())
+}
+
+/// vesseld's VM run dir of a pod (short: socket paths inside must fit 108 bytes).
+fn vm_dir(d: &TestDaemon, pod_id: &str) -> PathBuf {
+    d.run_root()
+        .join("vm")
+        .join(&pod_id[..pod_id.len().min(16)])
+}
+
+/// PSS of one pod's processes: everything naming its VM run dir or its pod dir.
+fn pod_pss(d: &TestDaemon, pod_id: &str) -> Pss {
+    let mut pids: Vec<i32> = [vm_dir(d, pod_id), d.run_root().join("pods").join(pod_id)]
+        .iter()
+        .flat_map(|dir| pids_naming(&format!("{}/", dir.display())))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .filter_map(pss_of)
+        .fold(Pss::default(), |a, b| a + b)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Adds the memory rows of `pss` (one sample per pod): the total, then its parts.
+fn memory_rows(env: &Env, what: &str, pss: &[Pss]) {
+    let rows = |part: fn(&Pss) -> u64| Samples::from_values(pss.iter().map(|p| mib(part(p))));
+    env.add(
+        &format!("6. PSS per idle pod, {what}"),
+        Unit::MiB,
+        rows(Pss::total_kib),
+        format!(
+            "QEMU + virtiofsd + vsock helper, after {} s idle",
+            env.plan.settle_secs
+        ),
+    );
+    env.add(
+        "   ↳ guest RAM touched",
+        Unit::MiB,
+        rows(|p| p.guest_ram_kib),
+        format!("of {} MiB", env.plan.memory_mib),
+    );
+    env.add(
+        "   ↳ TCG translated-code cache",
+        Unit::MiB,
+        rows(|p| p.code_cache_kib),
+        "anonymous executable memory; none under KVM",
+    );
+    env.add(
+        "   ↳ file mappings",
+        Unit::MiB,
+        rows(|p| p.file_kib),
+        "binaries, libraries, vmlinux + initrd: page cache shared by pods",
+    );
+    env.add(
+        "   ↳ heaps and the rest",
+        Unit::MiB,
+        rows(|p| p.other_kib),
+        "QEMU and helpers' anonymous memory",
+    );
+}
+
+async fn pods_without_network(env: &Env) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    let logs = env.work.join("logs");
+    let (mut total, mut share, mut helpers, mut vmm, mut rest, mut teardown) = (
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+        Samples::new(),
+    );
+    let mut memory = Vec::new();
+    for i in 0..env.plan.boots {
+        let (id, wall) =
+            pods::run_pod(&mut c, pods::pod_config(&format!("plain{i}"), &logs)).await?;
+        total.push_duration(wall);
+        let ph = pods::startup_phases(&mut c, &id).await?;
+        let get = |k: &str| ph.get(k).copied().unwrap_or(0.0);
+        share.push(get("share"));
+        helpers.push(get("helpers"));
+        vmm.push(get("vmToAgent"));
+        rest.push(
+            (wall.as_secs_f64() * 1000.0 - get("share") - get("helpers") - get("vmToAgent"))
+                .max(0.0),
+        );
+        tokio::time::sleep(Duration::from_secs(env.plan.settle_secs)).await;
+        memory.push(pod_pss(&d, &id));
+        teardown.push_duration(pods::stop_and_remove_pod(&mut c, &id).await?);
+    }
+    let floor = env.median(FLOOR);
+    let note = format!("{} floor", ratio(total.median(), floor));
+    env.add(RUN_PLAIN, Unit::Millis, total, note);
+    env.add("   ↳ share dir + image layers", Unit::Millis, share, "");
+    env.add(
+        "   ↳ helpers: accel, virtiofsd, vsock",
+        Unit::Millis,
+        helpers,
+        "",
+    );
+    env.add(
+        "   ↳ QEMU spawn → agent ready",
+        Unit::Millis,
+        vmm,
+        "vs floor row 1",
+    );
+    env.add("   ↳ the rest: state, RPC", Unit::Millis, rest, "");
+    env.add(
+        "3. StopPodSandbox + RemovePodSandbox",
+        Unit::Millis,
+        teardown,
+        "no containers",
+    );
+    memory_rows(env, "1 pod", &memory);
+    drop(c);
+    drop(d);
+    Ok(())
+}
+
+/// The example conflist, with host-local's store in the daemon's dir.
+fn install_conflist(d: &TestDaemon) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/10-vessel.conflist");
+    let mut conf: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    conf["plugins"][0]["ipam"]["dataDir"] = d.dir().join("cni-ipam").display().to_string().into();
+    std::fs::write(
+        d.cni_conf_dir().join("10-vessel.conflist"),
+        serde_json::to_vec_pretty(&conf)?,
+    )?;
+    Ok(())
+}
+
+async fn pods_with_cni(env: &Env) -> anyhow::Result<()> {
+    let host = TestHost::new("vbench")?;
+    env.janitor.own_netns(host.name());
+    let (d, mut c) = env.daemon(Some(&host)).await?;
+    let logs = env.work.join("logs");
+    let (mut total, mut net, mut guest) = (Samples::new(), Samples::new(), Samples::new());
+    for i in 0..env.plan.boots {
+        let (id, wall) = pods::run_pod(&mut c, pods::pod_config(&format!("cni{i}"), &logs)).await?;
+        total.push_duration(wall);
+        let ph = pods::startup_phases(&mut c, &id).await?;
+        net.push(ph.get("network").copied().unwrap_or(0.0));
+        guest.push(ph.get("guestNetwork").copied().unwrap_or(0.0));
+        pods::stop_and_remove_pod(&mut c, &id).await?;
+    }
+    let note = format!(
+        "{} floor, {} no network",
+        ratio(total.median(), env.median(FLOOR)),
+        ratio(total.median(), env.median(RUN_PLAIN))
+    );
+    env.add(RUN_CNI, Unit::Millis, total, note);
+    env.add(
+        "   ↳ netns + CNI ADD + tap",
+        Unit::Millis,
+        net,
+        "bridge, host-local, portmap, loopback",
+    );
+    env.add("   ↳ guest network via agent", Unit::Millis, guest, "");
+    drop(c);
+    drop(d);
+    drop(host);
+    Ok(())
+}
+
+async fn containers_and_channel(env: &Env) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    c.pull(&env.busybox).await?;
+    let config = pods::pod_config("ctrs", &env.work.join("logs"));
+    let (pod, _) = pods::run_pod(&mut c, config.clone()).await?;
+    let (mut start, mut stop, mut remove) = (Samples::new(), Samples::new(), Samples::new());
+    for i in 0..env.plan.containers {
+        let ctr_config = pods::sleeper_config(&format!("c{i}"), &env.busybox);
+        let (id, t) = pods::create_and_start(&mut c, &pod, &config, ctr_config.clone()).await?;
+        start.push_duration(t);
+        pods::wait_ready(&config, &ctr_config).await?;
+        stop.push_duration(pods::stop_container(&mut c, &id, 10).await?);
+        remove.push_duration(pods::remove_container(&mut c, &id).await?);
+    }
+    env.add(
+        "3. CreateContainer + StartContainer",
+        Unit::Millis,
+        start,
+        "busybox, running pod",
+    );
+    env.add(
+        "3. StopContainer",
+        Unit::Millis,
+        stop,
+        "TERM trap, polled every 0.1 s",
+    );
+    env.add("3. RemoveContainer", Unit::Millis, remove, "");
+
+    let (ctr, _) = pods::create_and_start(
+        &mut c,
+        &pod,
+        &config,
+        pods::sleeper_config("target", &env.busybox),
+    )
+    .await?;
+    let mut execs = Samples::new();
+    for _ in 0..env.plan.execs {
+        execs.push_duration(pods::exec_sync(&mut c, &ctr, &["true"]).await?);
+    }
+    env.add("4. ExecSync `true`", Unit::Millis, execs, "");
+
+    let agent = channel::agent_of(&vm_dir(&d, &pod))?;
+    let rtt = channel::health_rtt(&agent, env.plan.rtts).await?;
+    env.add(
+        "8. agent channel: empty call RTT",
+        Unit::Millis,
+        rtt,
+        "Health, one connection",
+    );
+    let (mut out, mut inp) = (Samples::new(), Samples::new());
+    for i in 0..env.plan.streams {
+        out.push(channel::stream_out(&agent, &ctr, env.plan.stream_bytes, &i.to_string()).await?);
+        inp.push(channel::stream_in(&agent, &ctr, env.plan.stream_bytes, &i.to_string()).await?);
+    }
+    let size = format!("{} MiB per run", env.plan.stream_bytes / MIB);
+    env.add(
+        "8. agent stream guest → host",
+        Unit::MiBps,
+        out,
+        format!("exec stdout, {size}"),
+    );
+    env.add(
+        "8. agent stream host → guest",
+        Unit::MiBps,
+        inp,
+        format!("exec stdin, {size}"),
+    );
+    pods::stop_and_remove_pod(&mut c, &pod).await?;
+    drop(c);
+    drop(d);
+    Ok(())
+}
+
+async fn parallel_pods(env: &Env) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    let n = env.plan.parallel;
+    let logs = env.work.join("logs");
+    let mut walls = Samples::new();
+    for round in 0..env.plan.parallel_rounds {
+        let t = Instant::now();
+        let started = futures::future::join_all((0..n).map(|i| {
+            let mut c = c.clone();
+            let config = pods::pod_config(&format!("par{round}-{i}"), &logs);
+            async move { pods::run_pod(&mut c, config).await }
+        }))
+        .await;
+        walls.push_duration(t.elapsed());
+        let ids: Vec<String> = started
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|(id, _)| id.clone()))
+            .collect();
+        if round == 0 && ids.len() == n {
+            tokio::time::sleep(Duration::from_secs(env.plan.settle_secs)).await;
+            let pss: Vec<Pss> = ids.iter().map(|id| pod_pss(&d, id)).collect();
+            memory_rows(env, &format!("{n} pods"), &pss);
+        }
+        futures::future::join_all(ids.iter().map(|id| {
+            let mut c = c.clone();
+            async move { pods::stop_and_remove_pod(&mut c, id).await }
+        }))
+        .await;
+        for r in started {
+            r?;
+        }
+    }
+    let note = format!(
+        "{} one pod (row 2, no network); {n}/cores = {:.1}",
+        ratio(walls.median(), env.median(RUN_PLAIN)),
+        n as f64 / std::thread::available_parallelism().map_or(1, |c| c.get()) as f64
+    );
+    env.add(
+        &format!("5. {n} pods started in parallel (wall)"),
+        Unit::Millis,
+        walls,
+        note,
+    );
+    pods::remove_all_pods(&mut c).await;
+    drop(c);
+    drop(d);
+    Ok(())
+}
+
+async fn pull(env: &Env, with_peer: bool) -> anyhow::Result<()> {
+    let files = env.plan.layer_files;
+    let layers = tokio::task::spawn_blocking(move || {
+        (0..LAYERS)
+            .map(|i| {
+                testimages::random_files_layer(
+                    &format!("data{i}"),
+                    files,
+                    MIB,
+                    LayerCompression::Gzip,
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })
+    .await??;
+    let bytes: usize = layers.iter().map(|l| l.data.len()).sum();
+    let image = testimages::push_layers(&env.registry, "bench/pull:1", layers)
+        .await?
+        .reference;
+    let size = bytes as f64 / MIB as f64;
+
+    let (mut secs, mut rate) = (Samples::new(), Samples::new());
+    for _ in 0..env.plan.pulls {
+        // A fresh daemon each time: an empty store, nothing cached.
+        let (d, mut c) = env.daemon(None).await?;
+        let t = Instant::now();
+        c.pull(&image).await?;
+        let elapsed = t.elapsed();
+        secs.push_duration(elapsed);
+        rate.push(channel::mib_per_s(bytes, elapsed));
+        drop(c);
+        drop(d);
+    }
+    let what = format!("{size:.0} MiB, {LAYERS} gzip layers of {files} random 1 MiB files");
+    env.add(
+        "7. pull + unpack, vessel, cold",
+        Unit::Millis,
+        secs.clone(),
+        what.clone(),
+    );
+    env.add(
+        "   ↳ throughput",
+        Unit::MiBps,
+        rate,
+        "compressed bytes / wall time",
+    );
+
+    if with_peer && !peer::available() {
+        peer::install()?;
+    }
+    if !peer::available() {
+        env.add(
+            "7. pull + unpack, containerd `ctr` (peer)",
+            Unit::Millis,
+            Samples::new(),
+            "containerd not installed: run with --peer",
+        );
+        return Ok(());
+    }
+    let mut peer_secs = Samples::new();
+    for i in 0..env.plan.pulls {
+        let dir = env.work.join(format!("containerd{i}"));
+        let mut ctrd = peer::Containerd::start(&dir)?;
+        peer_secs.push_duration(ctrd.pull(&image)?);
+        drop(ctrd);
+        super::janitor::unmount_under(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let note = format!(
+        "vessel takes {} of ctr's time; ctr {}",
+        ratio(secs.median(), peer_secs.median()),
+        peer_secs
+            .median()
+            .map(|ms| format_value(Unit::MiBps, size / (ms / 1000.0)))
+            .unwrap_or_default()
+    );
+    env.add(
+        "7. pull + unpack, containerd `ctr` (peer)",
+        Unit::Millis,
+        peer_secs,
+        note,
+    );
+    Ok(())
+}
