@@ -345,6 +345,57 @@ fn twenty_cycles_leak_nothing() {
     );
 }
 
+/// The first pods of a fresh host, set up at once: every one gets its network
+/// (portmap's shared chains are created once, not raced for), and tearing them all
+/// down at once leaves nothing.
+#[test]
+fn concurrent_first_setups_in_fresh_hosts() {
+    let _serial = serial();
+    if !usable() {
+        return;
+    }
+    const PODS: u16 = 4;
+    for round in 0..3 {
+        let host = TestHost::new();
+        let env = Env::new();
+        let ids: Vec<String> = (0..PODS).map(|i| format!("par-{round}-{i}")).collect();
+        let requests: Vec<PodNetworkRequest> = ids
+            .iter()
+            .zip(0..)
+            .map(|(id, i)| {
+                let mut r = request(id);
+                r.port_mappings[0].host_port = 18100 + i;
+                r
+            })
+            .collect();
+        let results = host.run(async || {
+            let setups = requests.iter().map(|r| env.manager.setup(r));
+            futures_util::future::join_all(setups).await
+        });
+        let mut pods = Vec::new();
+        for (id, r) in ids.iter().zip(results) {
+            pods.push(r.unwrap_or_else(|e| panic!("round {round}, {id}: {e}")));
+        }
+        let ips: BTreeSet<_> = pods
+            .iter()
+            .map(|p| p.plan.interfaces[0].addresses[0].addr)
+            .collect();
+        assert_eq!(ips.len(), usize::from(PODS), "distinct IPs: {ips:?}");
+        drop(pods);
+        let results = host.run(async || {
+            futures_util::future::join_all(ids.iter().map(|id| env.manager.teardown(id))).await
+        });
+        for r in results {
+            r.unwrap();
+        }
+        for id in &ids {
+            assert_no_pod_leftovers(&host, id);
+        }
+        assert!(env.leases().is_empty(), "round {round}: {:?}", env.leases());
+        assert!(env.cache_entries().is_empty());
+    }
+}
+
 #[test]
 fn failed_setup_unwinds() {
     let _serial = serial();

@@ -6,6 +6,7 @@ mod exec;
 mod result;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,6 +24,12 @@ pub struct Cni {
     bin_dirs: Vec<PathBuf>,
     cache: ResultCache,
     timeout: Duration,
+    /// One chain (ADD, CHECK or DEL) at a time, shared by clones. The reference
+    /// plugins are not safe to run concurrently in one namespace: portmap 1.1.1 checks
+    /// for its top-level iptables chains and then creates them, so two first ADDs race
+    /// and one fails with "CHAIN_USER_ADD failed (File exists)". A chain takes tens of
+    /// milliseconds against seconds of VM boot, so serializing costs little.
+    chains: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Cni {
@@ -32,6 +39,7 @@ impl Cni {
             bin_dirs,
             cache: ResultCache::new(cache_dir),
             timeout: Duration::from_secs(60),
+            chains: Arc::default(),
         }
     }
 
@@ -54,6 +62,7 @@ impl Cni {
         att: &Attachment,
         netns: &Path,
     ) -> Result<CniResult> {
+        let _chain = self.chains.lock().await;
         let mut prev: Option<Value> = None;
         for plugin in &net.plugins {
             let step = self
@@ -102,6 +111,7 @@ impl Cni {
         att: &Attachment,
         netns: Option<&Path>,
     ) -> Result<()> {
+        let _chain = self.chains.lock().await;
         let netns = netns.filter(|p| p.exists());
         match self.cache.load(&att.container_id, &att.ifname)? {
             Some(entry) => {
@@ -135,6 +145,7 @@ impl Cni {
         if net.disable_check || !config::version_has_check(&net.cni_version) {
             return Ok(());
         }
+        let _chain = self.chains.lock().await;
         for plugin in &net.plugins {
             self.call(
                 Command::Check,
