@@ -8,4 +8,4 @@ scripts/install-deps.sh
 VESSEL_GUEST_DIR="$PWD/build/guest" scripts/build-guest.sh
 export VESSEL_GUEST_DIR="$PWD/build/guest"
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2
