@@ -35,6 +35,8 @@ pub enum Error {
     State(String, &'static str),
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::SysctlError),
     #[error("runtime: {0}")]
     Runtime(String),
     #[error("io: {0}")]
@@ -292,7 +294,9 @@ impl Containers {
             pid_ns_path: ns_path(&req.share_pid_with, "pid")?,
             ipc_ns_path: ns_path(&req.share_ipc_with, "ipc")?,
         };
-        let spec = spec::prepare(&req.spec_json, &adj)?;
+        let mut spec = spec::prepare(&req.spec_json, &adj)?;
+        // Pod-wide: set (again, harmlessly) by every container of the pod.
+        crate::sysctl::apply(&crate::sysctl::take_guest_sysctls(&mut spec))?;
         let tty = spec::tty_size(spec.process().as_ref());
 
         let dir = PathBuf::from(RUN_DIR).join(&req.id);

@@ -17,6 +17,7 @@ mod service;
 mod spec;
 mod stats;
 mod stdio;
+mod sysctl;
 mod vsock_io;
 
 fn main() {

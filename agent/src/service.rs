@@ -53,7 +53,9 @@ fn status(e: containers::Error) -> Status {
     match e {
         E::NoContainer(_) | E::NoProcess(..) => Status::not_found(e.to_string()),
         E::Exists(_) => Status::already_exists(e.to_string()),
-        E::InvalidArgument(_) | E::Spec(_) => Status::invalid_argument(e.to_string()),
+        E::InvalidArgument(_) | E::Spec(_) | E::Sysctl(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         E::State(..) => Status::failed_precondition(e.to_string()),
         E::Runtime(_) | E::Io(_) => Status::internal(e.to_string()),
     }
