@@ -28,6 +28,7 @@ mod error;
 pub mod helpers;
 pub mod hypervisor;
 pub mod layout;
+pub mod preflight;
 pub mod process;
 pub mod qemu;
 pub mod ready;
