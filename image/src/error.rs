@@ -17,6 +17,8 @@ pub enum ErrorCode {
     DataLoss,
     /// The registry could not be reached or failed.
     Unavailable,
+    /// The image cannot be removed in the state it is in (still in use).
+    FailedPrecondition,
     /// Anything else (local I/O, database).
     Internal,
 }
@@ -76,6 +78,14 @@ pub enum ImageError {
     /// The metadata database or the snapshot store failed.
     #[error("store: {0}")]
     Store(String),
+    /// Removing the image would take the layers of a container that still exists.
+    #[error("image {image} is in use by {user}")]
+    InUse {
+        /// The image id.
+        image: String,
+        /// Who uses it (e.g. a container id).
+        user: String,
+    },
 }
 
 impl ImageError {
@@ -92,6 +102,7 @@ impl ImageError {
             ImageError::Registry(_) => ErrorCode::Unavailable,
             ImageError::Unsupported(_) => ErrorCode::InvalidArgument,
             ImageError::Io { .. } | ImageError::Store(_) => ErrorCode::Internal,
+            ImageError::InUse { .. } => ErrorCode::FailedPrecondition,
         }
     }
 

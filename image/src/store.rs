@@ -232,6 +232,17 @@ impl ImageStore {
     /// Removes by id, tag or digest. A tag shared with other tags only loses that tag.
     /// `Ok(false)` if nothing matched.
     pub fn remove(&self, name: &str) -> Result<bool, ImageError> {
+        self.remove_unless_used(name, |_| None)
+    }
+
+    /// Like [`ImageStore::remove`], but an image (not just one of several tags) is
+    /// removed only if `user_of(image id)` names no user; otherwise
+    /// [`ImageError::InUse`] and nothing changes.
+    pub fn remove_unless_used(
+        &self,
+        name: &str,
+        user_of: impl Fn(&str) -> Option<String>,
+    ) -> Result<bool, ImageError> {
         let removed_image = self.inner.meta.write(|txn| {
             let records = txn.all()?;
             let Some((i, how)) = find(&records, name) else {
@@ -245,6 +256,12 @@ impl ImageStore {
                     Ok(Some(false))
                 }
                 _ => {
+                    if let Some(user) = user_of(&rec.id) {
+                        return Err(ImageError::InUse {
+                            image: rec.id.clone(),
+                            user,
+                        });
+                    }
                     txn.delete(&rec.id)?;
                     Ok(Some(true))
                 }
