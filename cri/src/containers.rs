@@ -342,11 +342,22 @@ impl Engine {
             }
             return Ok(());
         }
-        let Some(live) = self.live_pod(&c.pod_id) else {
+        // StartContainer marks a container RUNNING and then registers its exit
+        // watcher, both under the pod lock: taken briefly here, the two agree. (Not
+        // held for the grace period: the kubelet stops a pod's containers at once.)
+        let (live, ctr) = {
+            let _guard = self.lock_pod(&c.pod_id).await;
+            (self.live_pod(&c.pod_id), self.live_ctr(&c.id))
+        };
+        let Some(live) = live else {
+            // No VM: the pod's stop or its VM's death already ended the container.
             return Ok(());
         };
-        let Some(ctr) = self.live_ctr(&c.id) else {
-            return Ok(());
+        let Some(ctr) = ctr else {
+            return Err(Status::internal(format!(
+                "container {} is RUNNING but vesseld does not follow it; retry the stop",
+                c.id
+            )));
         };
         let agent = live.vm.agent();
         let mut exited = ctr.exited.clone();

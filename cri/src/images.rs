@@ -1,6 +1,7 @@
 //! CRI ImageService on top of `vessel_image::ImageStore`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_cri::v1 as cri;
@@ -10,13 +11,18 @@ use vessel_image::{Image, ImageError, ImageStore, RegistryAuth};
 
 use crate::status::image_status;
 
+/// Who uses an image (by id), if anyone: removing it would pull the layers from
+/// under that container.
+pub type ImageUsers = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 pub struct ImageSvc {
     store: ImageStore,
+    users: ImageUsers,
 }
 
 impl ImageSvc {
-    pub fn new(store: ImageStore) -> Self {
-        ImageSvc { store }
+    pub fn new(store: ImageStore, users: ImageUsers) -> Self {
+        ImageSvc { store, users }
     }
 
     /// Runs a synchronous store call off the async workers (it may walk or delete
@@ -183,8 +189,9 @@ impl ImageService for ImageSvc {
     ) -> R<cri::RemoveImageResponse> {
         let name = required_image(req.get_ref().image.as_ref())?;
         let log_name = name.clone();
+        let users = self.users.clone();
         let removed = self
-            .blocking(move |s| s.remove(&name))
+            .blocking(move |s| s.remove_unless_used(&name, |id| users(id)))
             .await
             .inspect_err(|e| {
                 tracing::warn!(image = %log_name, error = %e.message(), "remove failed");

@@ -4,6 +4,7 @@ mod calllog;
 mod config;
 mod containers;
 mod crilog;
+mod hostcheck;
 mod images;
 mod instance;
 mod logging;
@@ -17,6 +18,7 @@ mod server;
 mod status;
 mod store;
 mod views;
+mod vmsize;
 
 use std::path::PathBuf;
 

@@ -308,11 +308,12 @@ impl Engine {
             Ok((live, mut startup)) => {
                 startup.total_ms = millis(started.elapsed());
                 tracing::debug!(pod = %id, ?startup, "pod sandbox started");
+                let size = pod_vm_size(&handler, &config);
                 let facts = VmFacts {
                     pid: live.vm.vmm_pid(),
                     accel: format!("{:?}", live.vm.accel()).to_lowercase(),
-                    vcpus: handler.vcpus,
-                    memory_mib: handler.memory_mib,
+                    vcpus: size.vcpus,
+                    memory_mib: size.memory_mib,
                     startup,
                 };
                 let res = self.store.update_pod(&id, |p| {
@@ -397,8 +398,9 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| self.config.guest.initrd.clone());
         let mut vmc = VmConfig::new(id, self.vm_dir(id), share.path(), kernel, initrd);
-        vmc.vcpus = handler.vcpus;
-        vmc.memory_mib = u32::try_from(handler.memory_mib).unwrap_or(u32::MAX);
+        let size = pod_vm_size(handler, config);
+        vmc.vcpus = size.vcpus;
+        vmc.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vmc.accel = match handler.accel {
             Accel::Auto => vessel_sandbox::Accel::Auto,
             Accel::Kvm => vessel_sandbox::Accel::Kvm,
@@ -542,6 +544,18 @@ impl Engine {
     pub fn pod_config(pod: &PodRecord) -> cri::PodSandboxConfig {
         cri::PodSandboxConfig::decode(pod.config.as_slice()).unwrap_or_default()
     }
+}
+
+fn pod_vm_size(
+    handler: &RuntimeHandlerConfig,
+    config: &cri::PodSandboxConfig,
+) -> crate::vmsize::VmSize {
+    crate::vmsize::vm_size(
+        handler.vcpus,
+        handler.memory_mib,
+        config,
+        crate::vmsize::host_cpus(),
+    )
 }
 
 /// hosts, resolv.conf and hostname of a pod.

@@ -23,6 +23,8 @@ pub struct RuntimeSvc {
     config: Arc<Config>,
     images: ImageStore,
     engine: Arc<Engine>,
+    /// From the kubelet's UpdateRuntimeConfig.
+    pod_cidr: std::sync::Mutex<String>,
 }
 
 impl RuntimeSvc {
@@ -31,7 +33,25 @@ impl RuntimeSvc {
             config,
             images,
             engine,
+            pod_cidr: std::sync::Mutex::default(),
         }
+    }
+}
+
+impl RuntimeSvc {
+    /// Runs a lifecycle call to its end on its own task. tonic drops a handler's
+    /// future when the client goes away (a kubelet timeout, a killed crictl); a
+    /// RunPodSandbox cut off between QEMU's start and its unwind would leave a VM
+    /// nobody knows of, so these calls finish (or unwind) whether anyone waits.
+    async fn detached<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        tokio::spawn(call(self.engine.clone()))
+            .await
+            .map_err(|e| Status::internal(format!("runtime task failed: {e}")))?
     }
 }
 
@@ -62,16 +82,15 @@ impl RuntimeService for RuntimeSvc {
 
     async fn status(&self, req: Request<cri::StatusRequest>) -> R<cri::StatusResponse> {
         let conditions = vec![
-            cri::RuntimeCondition {
-                r#type: "RuntimeReady".into(),
-                status: true,
-                reason: String::new(),
-                message: String::new(),
-            },
+            crate::hostcheck::runtime_condition(&self.config),
             crate::podnet::network_condition(&self.engine.net),
         ];
         let mut info = HashMap::new();
         if req.get_ref().verbose {
+            let cidr = self.pod_cidr.lock().unwrap_or_else(|p| p.into_inner());
+            if !cidr.is_empty() {
+                info.insert("podCIDR".to_owned(), cidr.clone());
+            }
             let config = serde_json::to_string(&*self.config)
                 .map_err(|e| Status::internal(format!("cannot render the config: {e}")))?;
             info.insert("config".to_owned(), config);
@@ -120,7 +139,8 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> R<cri::UpdateRuntimeConfigResponse> {
-        // Only the pod CIDR is carried; pods have no network yet, so it is noted.
+        // Only the pod CIDR is carried. Pod IPs come from the CNI config (its IPAM
+        // range), so the CIDR is kept for Status to show, not used to allocate.
         let cidr = req
             .get_ref()
             .runtime_config
@@ -129,6 +149,7 @@ impl RuntimeService for RuntimeSvc {
             .map(|n| n.pod_cidr.clone())
             .unwrap_or_default();
         tracing::info!(pod_cidr = %cidr, "runtime config updated");
+        *self.pod_cidr.lock().unwrap_or_else(|p| p.into_inner()) = cidr;
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
@@ -136,7 +157,10 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::RunPodSandboxRequest>,
     ) -> R<cri::RunPodSandboxResponse> {
-        let pod_sandbox_id = self.engine.run_pod(req.into_inner()).await?;
+        let req = req.into_inner();
+        let pod_sandbox_id = self
+            .detached(|e| async move { e.run_pod(req).await })
+            .await?;
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id }))
     }
 
@@ -144,7 +168,9 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::StopPodSandboxRequest>,
     ) -> R<cri::StopPodSandboxResponse> {
-        self.engine.stop_pod(&req.get_ref().pod_sandbox_id).await?;
+        let id = req.into_inner().pod_sandbox_id;
+        self.detached(|e| async move { e.stop_pod(&id).await })
+            .await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -152,8 +178,8 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::RemovePodSandboxRequest>,
     ) -> R<cri::RemovePodSandboxResponse> {
-        self.engine
-            .remove_pod(&req.get_ref().pod_sandbox_id)
+        let id = req.into_inner().pod_sandbox_id;
+        self.detached(|e| async move { e.remove_pod(&id).await })
             .await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
@@ -207,7 +233,10 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::CreateContainerRequest>,
     ) -> R<cri::CreateContainerResponse> {
-        let container_id = self.engine.create_container(req.into_inner()).await?;
+        let req = req.into_inner();
+        let container_id = self
+            .detached(|e| async move { e.create_container(req).await })
+            .await?;
         Ok(Response::new(cri::CreateContainerResponse { container_id }))
     }
 
@@ -215,8 +244,8 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::StartContainerRequest>,
     ) -> R<cri::StartContainerResponse> {
-        self.engine
-            .start_container(&req.get_ref().container_id)
+        let id = req.into_inner().container_id;
+        self.detached(|e| async move { e.start_container(&id).await })
             .await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
@@ -226,8 +255,7 @@ impl RuntimeService for RuntimeSvc {
         req: Request<cri::StopContainerRequest>,
     ) -> R<cri::StopContainerResponse> {
         let req = req.into_inner();
-        self.engine
-            .stop_container(&req.container_id, req.timeout)
+        self.detached(|e| async move { e.stop_container(&req.container_id, req.timeout).await })
             .await?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
@@ -236,8 +264,8 @@ impl RuntimeService for RuntimeSvc {
         &self,
         req: Request<cri::RemoveContainerRequest>,
     ) -> R<cri::RemoveContainerResponse> {
-        self.engine
-            .remove_container(&req.get_ref().container_id)
+        let id = req.into_inner().container_id;
+        self.detached(|e| async move { e.remove_container(&id).await })
             .await?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }

@@ -51,6 +51,10 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
         .await
         .context("cannot open the runtime state")?;
 
+    for problem in crate::hostcheck::default_handler_problems(&config) {
+        tracing::warn!(%problem, "pod VMs cannot start; Status reports RuntimeReady=false");
+    }
+
     // The socket comes last: once it exists, vesseld answers.
     let listener = bind_socket(&config.listen)?;
     tracing::info!(
@@ -60,6 +64,15 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
         "vesseld serving CRI v1"
     );
 
+    let containers = engine.store.clone();
+    let image_users: crate::images::ImageUsers = Arc::new(move |image_id: &str| {
+        containers
+            .containers()
+            .into_iter()
+            .find(|c| c.image_id == image_id)
+            .map(|c| format!("container {} ({}) of pod {}", c.id, c.name, c.pod_id))
+    });
+
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
         .add_service(RuntimeServiceServer::new(RuntimeSvc::new(
@@ -67,7 +80,7 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
             store.clone(),
             engine,
         )))
-        .add_service(ImageServiceServer::new(ImageSvc::new(store)))
+        .add_service(ImageServiceServer::new(ImageSvc::new(store, image_users)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
 

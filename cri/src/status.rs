@@ -30,6 +30,10 @@ pub fn image_status(e: &ImageError) -> Status {
             Code::Unavailable,
             "check that the registry (or its mirror in certs_dir/<host>/hosts.toml) is reachable, then retry",
         ),
+        ErrorCode::FailedPrecondition => (
+            Code::FailedPrecondition,
+            "remove the containers that use it first (crictl ps -a lists them)",
+        ),
         ErrorCode::Internal => (
             Code::Internal,
             "see the vesseld log; check free space and permissions under the root dir",

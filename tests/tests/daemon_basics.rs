@@ -13,7 +13,17 @@ fn stderr(o: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn version_status_and_runtime_config() {
-    let d = TestDaemon::start().unwrap();
+    // A guest that exists, so RuntimeReady depends only on the host's programs.
+    let guest = tempfile::tempdir().unwrap();
+    for f in ["vmlinux", "initrd.img"] {
+        std::fs::write(guest.path().join(f), b"not a real guest").unwrap();
+    }
+    let d = TestDaemon::start_with(&format!(
+        "[guest]\nkernel = {:?}\ninitrd = {:?}\n",
+        guest.path().join("vmlinux").display().to_string(),
+        guest.path().join("initrd.img").display().to_string(),
+    ))
+    .unwrap();
     let meta = std::fs::metadata(d.socket()).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -38,7 +48,8 @@ async fn version_status_and_runtime_config() {
         .into_inner();
     let conds = s.status.unwrap().conditions;
     let cond = |t: &str| conds.iter().find(|c| c.r#type == t).unwrap().clone();
-    assert!(cond("RuntimeReady").status);
+    let ready = cond("RuntimeReady");
+    assert!(ready.status, "{ready:?}");
     let net = cond("NetworkReady");
     assert!(!net.status);
     assert_eq!(net.reason, "NetworkPluginNotReady");
@@ -265,4 +276,43 @@ async fn stale_socket_is_replaced_and_sigterm_cleans_up() {
     // A graceful stop removes the socket and exits 0.
     assert!(d.stop(), "log:\n{}", d.log());
     assert!(!d.socket().exists());
+}
+
+/// RuntimeReady is false, naming the missing piece, when the default handler's guest
+/// is not there; another handler's broken guest does not make the runtime unready.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_not_ready_without_a_guest_image() {
+    let d = TestDaemon::start_with(
+        "[guest]\nkernel = \"/nonexistent/vessel/vmlinux\"\ninitrd = \"/nonexistent/vessel/initrd.img\"\n",
+    )
+    .unwrap();
+    let mut c = d.client().await.unwrap();
+    let conds = c
+        .runtime
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .conditions;
+    let ready = conds.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
+    assert!(!ready.status);
+    assert_eq!(ready.reason, "PodVmUnavailable");
+    assert!(
+        ready
+            .message
+            .contains("guest kernel /nonexistent/vessel/vmlinux")
+            && ready
+                .message
+                .contains("guest initrd /nonexistent/vessel/initrd.img")
+            && ready.message.contains("build-guest.sh"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        d.log().contains("pod VMs cannot start"),
+        "start-up warns: {}",
+        d.log()
+    );
 }

@@ -265,7 +265,9 @@ async fn pods_get_ips_talk_to_each_other_and_leave_nothing_behind() {
         eprintln!("pod -> host TCP: {}", String::from_utf8_lossy(&out).trim());
     }
 
-    // Restart vesseld between RunPodSandbox and StopPodSandbox: teardown from the cache.
+    // vesseld dies (kill -9) between RunPodSandbox and StopPodSandbox: the restarted
+    // one tears down from the CNI cache.
+    d.kill9();
     d.restart().unwrap();
     let mut c = d.client().await.unwrap();
     for pod in [&pod_a, &pod_b] {
@@ -316,5 +318,24 @@ async fn pods_get_ips_talk_to_each_other_and_leave_nothing_behind() {
         })
         .collect();
     assert!(ipam.is_empty(), "IP reservations left: {ipam:?}");
+    // Nothing of the pods in iptables: no per-pod chain, no rule naming a pod, no
+    // hostPort DNAT left (portmap's shared chains stay, empty).
+    let rules = host.iptables_rules("iptables-save");
+    for r in &rules {
+        assert!(
+            !r.contains(pod_a.as_str()) && !r.contains(pod_b.as_str()),
+            "rule of a removed pod: {r}"
+        );
+        assert!(
+            !r.starts_with("-A CNI-HOSTPORT-DNAT "),
+            "hostPort rule left: {r}"
+        );
+    }
+    let chains: Vec<_> = host
+        .cni_chains()
+        .into_iter()
+        .filter(|c| !c.starts_with("CNI-HOSTPORT-"))
+        .collect();
+    assert!(chains.is_empty(), "per-pod CNI chains left: {chains:?}");
     assert_no_leaks(&d);
 }

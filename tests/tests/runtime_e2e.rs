@@ -353,12 +353,26 @@ async fn pod_and_containers_lifecycle() {
     .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
+    // The image backs the pod's (exited) containers: removing it is refused, naming
+    // one of them, until they are gone.
+    let e = c.remove_image(&image).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("in use by container") && e.message().contains(&pod),
+        "{e:?}"
+    );
+    let (still, _) = c.image_status(&image, false).await.unwrap();
+    assert!(still.is_some(), "a refused removal keeps the image");
+
     c.runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
             pod_sandbox_id: pod.clone(),
         })
         .await
         .expect("RemovePodSandbox");
+    c.remove_image(&image)
+        .await
+        .expect("RemoveImage once no container uses it");
     for _ in 0..2 {
         c.runtime
             .stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -405,11 +419,31 @@ async fn state_survives_a_vesseld_kill() {
     let logs = d.dir().join("logs/keep");
     let pod_cfg = pod_config("keep", &logs);
     let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    // A second pod whose VM dies while vesseld is down.
+    let doomed_cfg = pod_config("doomed", &d.dir().join("logs/doomed"));
+    let doomed = run_pod(&mut c, &doomed_cfg, "")
+        .await
+        .expect("RunPodSandbox");
+    let doomed_ctr = create(
+        &mut c,
+        &doomed,
+        &doomed_cfg,
+        container_config("victim", &image, &["sh", "-c", LONG_RUNNER]),
+    )
+    .await
+    .unwrap();
+    start(&mut c, &doomed_ctr).await;
+    let doomed_info: serde_json::Value =
+        serde_json::from_str(&pod_status(&mut c, &doomed).await.info["info"]).unwrap();
+    let doomed_vm = doomed_info["vmPid"].as_i64().unwrap() as i32;
+
+    // Numbered lines, so a gap or a stop in the log shows.
+    let ticker = "trap 'exit 143' TERM; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
     let long = create(
         &mut c,
         &pod,
         &pod_cfg,
-        container_config("long", &image, &["sh", "-c", LONG_RUNNER]),
+        container_config("long", &image, &["sh", "-c", ticker]),
     )
     .await
     .unwrap();
@@ -426,9 +460,28 @@ async fn state_survives_a_vesseld_kill() {
     start(&mut c, &short).await;
 
     d.kill9();
+    // SAFETY: kill(2) on the pid vesseld reported for this test's VM.
+    unsafe { libc::kill(doomed_vm, libc::SIGKILL) };
     tokio::time::sleep(Duration::from_secs(5)).await;
     d.restart().expect("vesseld restarts");
     let mut c = d.client().await.unwrap();
+
+    // The pod whose VM died meanwhile: NOTREADY, its container exited, removable.
+    let st = pod_status(&mut c, &doomed).await;
+    assert_eq!(
+        st.status.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    let s = status(&mut c, &doomed_ctr).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(s.exit_code, 255, "{s:?}");
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: doomed.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox of the dead pod");
+    assert!(!d.dir().join("run/pods").join(&doomed).exists());
 
     let st = pod_status(&mut c, &pod).await;
     assert_eq!(
@@ -452,6 +505,31 @@ async fn state_survives_a_vesseld_kill() {
         .await
         .expect("ExecSync after restart");
     assert_eq!(r.stdout, b"still here\n");
+    // The running container's log goes on past the restart, and no tick is missing
+    // (a kill between writing a line and recording its offset may repeat one).
+    let ticks = |entries: Vec<(String, String, String)>| -> Vec<u64> {
+        entries
+            .iter()
+            .filter_map(|(_, _, m)| m.strip_prefix("tick ")?.parse().ok())
+            .collect()
+    };
+    let before = ticks(read_log(&logs.join("long/0.log")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let now = ticks(read_log(&logs.join("long/0.log")));
+        if now.iter().max() > before.iter().max() {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "log stopped at {before:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let max = *after.iter().max().unwrap();
+    let seen: std::collections::BTreeSet<u64> = after.iter().copied().collect();
+    assert_eq!(
+        seen,
+        (1..=max).collect(),
+        "every tick up to {max} logged once or more"
+    );
 
     // The VM dies behind vesseld's back: the pod becomes NOTREADY and removable.
     let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
