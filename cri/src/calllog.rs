@@ -4,6 +4,11 @@
 //! The gRPC status is read from the response headers, where tonic puts it for
 //! error responses ("trailers-only"); successful unary calls carry it in the
 //! trailers, so a missing header means the call succeeded.
+//!
+//! Every call is logged at debug. A failure is also logged at warn (error for
+//! Internal, Unknown and DataLoss) with its message, which names the object;
+//! NotFound and Unimplemented stay at debug: the kubelet asks for gone objects and
+//! polls unimplemented stats routinely.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,7 +69,7 @@ where
                         .and_then(|v| v.parse::<i32>().ok())
                         .map(tonic::Code::from_i32)
                         .unwrap_or(tonic::Code::Ok);
-                    tracing::debug!(method = %method, latency_ms, code = ?code, "CRI call");
+                    log_call(&method, latency_ms, code, resp.headers());
                 }
                 Err(e) => {
                     tracing::warn!(method = %method, latency_ms, error = %e, "CRI call failed in transport")
@@ -72,5 +77,29 @@ where
             }
             result
         })
+    }
+}
+
+fn log_call(method: &str, latency_ms: f64, code: tonic::Code, headers: &http::HeaderMap) {
+    use tonic::Code;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    match code {
+        Code::Ok | Code::NotFound | Code::Unimplemented => {
+            tracing::debug!(method = %method, latency_ms, code = ?code, %message, "CRI call")
+        }
+        Code::Internal | Code::Unknown | Code::DataLoss => {
+            tracing::error!(method = %method, latency_ms, code = ?code, %message, "CRI call failed")
+        }
+        _ => {
+            tracing::warn!(method = %method, latency_ms, code = ?code, %message, "CRI call failed")
+        }
     }
 }

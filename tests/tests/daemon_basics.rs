@@ -81,6 +81,14 @@ async fn version_status_and_runtime_config() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("RunPodSandbox"), "{}", e.message());
+    // A failed call is logged at warn with its message.
+    let log = d.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("RuntimeService/RunPodSandbox")
+            && l.contains("config is missing")),
+        "{log}"
+    );
     let e = c
         .runtime
         .container_stats(cri::ContainerStatsRequest::default())
