@@ -29,6 +29,14 @@ pub fn mount_overlay(
     for d in [upper, work].iter().filter(|d| !d.is_empty()) {
         std::fs::create_dir_all(d)?;
     }
+    // Each layer is its own bind mount on the host, which virtiofs announces as a
+    // submount: an automount point until something opens it. overlayfs looks its
+    // lowerdirs up without triggering automounts and refuses such a dentry
+    // ("filesystem ... not supported"), so open each one first.
+    for l in lower {
+        std::fs::read_dir(l)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("layer {l}: {e}")))?;
+    }
     let opts = overlay_options(lower, upper, work);
     mount(
         Some("overlay"),

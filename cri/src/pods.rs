@@ -88,10 +88,6 @@ impl Engine {
         self.pod_dir(id).join("share")
     }
 
-    pub fn snapshots_root(&self) -> PathBuf {
-        self.config.root.join("snapshots")
-    }
-
     pub fn live_pod(&self, id: &str) -> Option<Arc<LivePod>> {
         self.pods
             .lock()
@@ -384,9 +380,6 @@ impl Engine {
                 .write_pod_file(name, contents.as_bytes())
                 .map_err(|e| Status::internal(format!("pod file {name}: {e}")))?;
         }
-        share
-            .expose_layers(&self.snapshots_root())
-            .map_err(|e| Status::internal(format!("image layers: {e}")))?;
         timings.share_ms = millis(phase.elapsed());
 
         let kernel = handler

@@ -6,7 +6,9 @@
 //!
 //! Layout (relative to the share dir):
 //! - `pod/`: pod-wide files (hosts, resolv.conf, hostname)
-//! - `layers/`: read-only bind of the snapshot root (every image layer)
+//! - `layers/<chain id>`: a read-only bind of each image layer a container of this pod
+//!   uses; a pod VM sees no other image's content (images may be private to another
+//!   tenant)
 //! - `ctr/<container id>/<n>`: one bind mount per container volume
 
 use std::path::{Path, PathBuf};
@@ -90,19 +92,29 @@ impl ShareDir {
         Ok(format!("pod/{name}"))
     }
 
-    /// Exposes `snapshots_root` read-only at `layers/`; idempotent.
-    pub fn expose_layers(&self, snapshots_root: &Path) -> Result<(), StorageError> {
-        let target = self.path.join("layers");
-        std::fs::create_dir_all(&target).map_err(StorageError::io("create", &target))?;
-        std::fs::create_dir_all(snapshots_root)
-            .map_err(StorageError::io("create", snapshots_root))?;
-        if is_mount_point(&target) {
-            return Ok(());
+    /// Exposes one layer snapshot dir read-only at `layers/<its name>`; idempotent.
+    /// Callers serialize calls for one share dir. Returns the path relative to the
+    /// share dir.
+    pub fn expose_layer(&self, layer_dir: &Path) -> Result<String, StorageError> {
+        let name = layer_dir
+            .file_name()
+            .ok_or_else(|| StorageError::Io {
+                op: "expose layer",
+                path: layer_dir.to_owned(),
+                source: std::io::Error::other("a layer dir has a name"),
+            })?
+            .to_owned();
+        let rel = Path::new("layers").join(&name);
+        let target = self.path.join(&rel);
+        if !is_mount_point(&target) {
+            std::fs::create_dir_all(&target).map_err(StorageError::io("create", &target))?;
+            mount_bind(layer_dir, &target).map_err(io_err("bind-mount", &target))?;
+            if let Err(e) = mount_remount(&target, MountFlags::BIND | MountFlags::RDONLY, "") {
+                let _ = unmount(&target, UnmountFlags::DETACH);
+                return Err(io_err("remount read-only", &target)(e));
+            }
         }
-        mount_bind(snapshots_root, &target).map_err(io_err("bind-mount", &target))?;
-        mount_remount(&target, MountFlags::BIND | MountFlags::RDONLY, "")
-            .map_err(io_err("remount read-only", &target))?;
-        Ok(())
+        Ok(rel.to_string_lossy().into_owned())
     }
 
     /// Bind-mounts a container volume; returns its path relative to the share dir.
@@ -200,15 +212,22 @@ mod tests {
         ShareDir::create(share.path()).unwrap();
 
         let snaps = tmp.path().join("snapshots");
-        std::fs::create_dir_all(snaps.join("abc")).unwrap();
-        std::fs::write(snaps.join("abc/f"), "layer").unwrap();
-        share.expose_layers(&snaps).unwrap();
-        share.expose_layers(&snaps).unwrap();
+        for layer in ["abc", "other"] {
+            std::fs::create_dir_all(snaps.join(layer)).unwrap();
+            std::fs::write(snaps.join(layer).join("f"), "layer").unwrap();
+        }
+        assert_eq!(
+            share.expose_layer(&snaps.join("abc")).unwrap(),
+            "layers/abc"
+        );
+        share.expose_layer(&snaps.join("abc")).unwrap();
         assert_eq!(
             std::fs::read_to_string(share.path().join("layers/abc/f")).unwrap(),
             "layer"
         );
         assert!(std::fs::write(share.path().join("layers/abc/g"), "x").is_err());
+        // Only the layers asked for are there.
+        assert!(!share.path().join("layers/other").exists());
 
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(&vol).unwrap();

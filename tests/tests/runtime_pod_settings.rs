@@ -1,5 +1,5 @@
-//! Pod-level settings end to end, in one pod VM: the VM grows to hold the pod's
-//! resources, pod sysctls reach the guest kernel (where the VM is the pod), a bad
+//! Pod-level settings end to end, in one pod VM: only the layers of the pod's own
+//! images reach its VM, the VM grows to hold the pod's resources, pod sysctls reach the guest kernel (where the VM is the pod), a bad
 //! sysctl is refused without leaving anything, and the kubelet's termination-log
 //! mount carries a container's last words to the host.
 
@@ -7,9 +7,12 @@ mod runtime_common;
 
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
 use k8s_cri::v1 as cri;
 use runtime_common::*;
 use tonic::Code;
+use vessel_tests::testimages::{self, LayerCompression};
 
 const MIB: i64 = 1024 * 1024;
 
@@ -19,9 +22,18 @@ fn stdout(r: &cri::ExecSyncResponse) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_resources_sysctls_and_termination_log() {
-    let Some((_reg, d, mut c, image)) = setup().await else {
+    let Some((reg, d, mut c, image)) = setup().await else {
         return;
     };
+    // Another tenant's image on the same node: its content must not reach this pod.
+    let secret = testimages::push_layers(
+        &reg,
+        "tenant-b/secret:1",
+        vec![testimages::random_layer("secret", 4096, LayerCompression::Gzip).unwrap()],
+    )
+    .await
+    .unwrap();
+    c.pull(&secret.reference).await.unwrap();
     let _cleanup = Cleanup(d.dir().to_owned());
     let logs = d.dir().join("logs/settings");
     let mut pod_cfg = pod_config("settings", &logs);
@@ -63,6 +75,21 @@ async fn pod_resources_sysctls_and_termination_log() {
     .await
     .expect("CreateContainer with pod sysctls");
     start(&mut c, &ctr).await;
+
+    // The pod's share dir (all its VM can see of the host) holds the busybox layer,
+    // not the other image's.
+    let entries = |dir: std::path::PathBuf| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    let exposed = entries(d.run_root().join("pods").join(&pod).join("share/layers"));
+    let stored = entries(d.root().join("snapshots"));
+    assert_eq!(exposed.len(), 1, "busybox is one layer: {exposed:?}");
+    assert!(exposed.is_subset(&stored), "{exposed:?} of {stored:?}");
+    assert_eq!(stored.len(), 2, "busybox and the secret image: {stored:?}");
 
     // The guest really is that big.
     let r = exec(&mut c, &ctr, &["nproc"], 10).await.unwrap();

@@ -219,6 +219,9 @@ pub struct Cleanup(pub PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_consoles(&self.0.join("run/vm"));
+        }
         let dir = self.0.display().to_string();
         let me = std::process::id();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -265,3 +268,16 @@ pub fn read_log(path: &Path) -> Vec<(String, String, String)> {
 }
 
 pub const LONG_RUNNER: &str = "trap 'exit 143' TERM; while :; do sleep 0.1; done";
+
+/// The end of every pod VM's console under `vm_dir`: what the guest kernel said
+/// (overlay or module errors) when a test fails.
+fn print_consoles(vm_dir: &Path) {
+    for e in std::fs::read_dir(vm_dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        eprintln!("--- console of VM {} (last lines) ---", e.path().display());
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
