@@ -68,7 +68,7 @@ pub struct VmFacts {
 pub struct StartupTimings {
     /// netns, CNI ADD and the tap.
     pub network_ms: u64,
-    /// Share dir, pod files and image layers exposed to the guest.
+    /// Share dir and pod files (hosts, resolv.conf, hostname).
     pub share_ms: u64,
     /// Accelerator choice, virtiofsd and the vsock helper.
     pub helpers_ms: u64,

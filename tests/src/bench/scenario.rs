@@ -252,7 +252,7 @@ async fn pods_without_network(env: &Env) -> anyhow::Result<()> {
     let floor = env.median(FLOOR);
     let note = format!("{} floor", ratio(total.median(), floor));
     env.add(RUN_PLAIN, Unit::Millis, total, note);
-    env.add("   ↳ share dir + image layers", Unit::Millis, share, "");
+    env.add("   ↳ share dir + pod files", Unit::Millis, share, "");
     env.add(
         "   ↳ helpers: accel, virtiofsd, vsock",
         Unit::Millis,
