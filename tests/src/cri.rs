@@ -98,6 +98,17 @@ impl CriClient {
         Ok((resp.image, resp.info))
     }
 
+    /// The runtime condition of `type` (RuntimeReady, NetworkReady) from Status.
+    pub async fn condition(&mut self, r#type: &str) -> anyhow::Result<cri::RuntimeCondition> {
+        self.runtime
+            .status(cri::StatusRequest { verbose: false })
+            .await?
+            .into_inner()
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.r#type == r#type))
+            .with_context(|| format!("Status has no {type} condition"))
+    }
+
     pub async fn remove_image(&mut self, image: &str) -> Result<(), tonic::Status> {
         self.image
             .remove_image(cri::RemoveImageRequest {

@@ -295,16 +295,7 @@ async fn runtime_not_ready_without_a_guest_image() {
     )
     .unwrap();
     let mut c = d.client().await.unwrap();
-    let conds = c
-        .runtime
-        .status(cri::StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .conditions;
-    let ready = conds.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
+    let ready = c.condition("RuntimeReady").await.unwrap();
     assert!(!ready.status);
     assert_eq!(ready.reason, "PodVmUnavailable");
     assert!(

@@ -128,17 +128,7 @@ pub fn ip_reservations(d: &TestDaemon) -> Vec<PathBuf> {
 }
 
 pub async fn network_ready(c: &mut CriClient) -> cri::RuntimeCondition {
-    c.runtime
-        .status(cri::StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.r#type == "NetworkReady")
-        .unwrap()
+    c.condition("NetworkReady").await.unwrap()
 }
 
 /// Every non-directory below `dir` (none if it does not exist).
