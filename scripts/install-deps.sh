@@ -8,7 +8,7 @@ APT_PACKAGES=(
   libseccomp-dev libcap-ng-dev                  # virtiofsd, vessel-agent (seccomp)
   qemu-system-x86                               # the pod VM
   busybox-static cpio kmod zstd lz4 xz-utils    # guest image + test images
-  docker-registry                               # test registry (distribution v2)
+  docker-registry openssl                       # test registry (distribution v2), its TLS certs
   containernetworking-plugins iproute2 iptables # CNI
 )
 VIRTIOFSD_VERSION=1.14.0

@@ -157,7 +157,10 @@ impl ContentStore {
                     });
                 }
                 Err(e) => {
-                    return Err(ImageError::Registry(format!("download of {digest}: {e}")));
+                    return Err(ImageError::Registry(format!(
+                        "download of {digest}: {}",
+                        crate::registry::with_causes(&e)
+                    )));
                 }
             };
             received += chunk.len() as u64;

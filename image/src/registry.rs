@@ -114,8 +114,24 @@ pub(crate) fn map_oci_error(e: OciDistributionError, what: &str) -> ImageError {
         OciDistributionError::ImageManifestNotFoundError(m) => {
             ImageError::NotFound(format!("{what}: {m}"))
         }
-        other => ImageError::Registry(format!("{what}: {other}")),
+        other => ImageError::Registry(format!("{what}: {}", with_causes(&other))),
     }
+}
+
+/// An error and its sources, "a: b: c": HTTP client errors keep the reason that
+/// matters (an unknown certificate issuer, a refused connection) in their sources.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// One endpoint with its own HTTP client (TLS settings differ per host).

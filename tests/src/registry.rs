@@ -18,19 +18,49 @@ pub struct TestRegistry {
     child: Child,
     port: u16,
     credentials: Option<(String, String)>,
+    /// Serving HTTPS with a certificate for 127.0.0.1 signed by `<dir>/ca.crt`.
+    tls: bool,
     dir: tempfile::TempDir,
+}
+
+/// How to start one.
+#[derive(Clone, Default)]
+struct Options {
+    credentials: Option<(String, String)>,
+    tls: bool,
+    /// Serve this storage dir (another registry's) instead of a fresh one.
+    storage: Option<PathBuf>,
 }
 
 impl TestRegistry {
     /// Starts an open registry (no auth) on a free port.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_inner(None)
+        Self::start_inner(Options::default())
     }
 
     /// Starts a registry that requires HTTP basic auth with `user`/`pass`
     /// (htpasswd, bcrypt).
     pub fn start_with_htpasswd(user: &str, pass: &str) -> anyhow::Result<Self> {
-        Self::start_inner(Some((user.to_owned(), pass.to_owned())))
+        Self::start_inner(Options {
+            credentials: Some((user.to_owned(), pass.to_owned())),
+            ..Options::default()
+        })
+    }
+
+    /// Starts an HTTPS registry serving `plain`'s storage (push there, pull here),
+    /// with a certificate for 127.0.0.1 from a CA of its own ([`Self::ca_cert`]).
+    /// Needs `openssl`.
+    pub fn start_tls_view_of(plain: &TestRegistry) -> anyhow::Result<Self> {
+        Self::start_inner(Options {
+            tls: true,
+            storage: Some(plain.storage_dir()),
+            ..Options::default()
+        })
+    }
+
+    /// The CA certificate (PEM) that signed an HTTPS registry's certificate.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        self.tls.then(|| self.dir.path().join("ca.crt"))
     }
 
     /// `"127.0.0.1:PORT"`, the registry host as it appears in image references.
@@ -38,9 +68,10 @@ impl TestRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `"http://127.0.0.1:PORT"`.
+    /// `"http://127.0.0.1:PORT"` (`https://` for an HTTPS registry).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     /// The port it listens on.
@@ -65,11 +96,11 @@ impl TestRegistry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
-    fn start_inner(credentials: Option<(String, String)>) -> anyhow::Result<Self> {
+    fn start_inner(opts: Options) -> anyhow::Result<Self> {
         // Another process can take the port between probing and binding: retry.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::try_start(credentials.clone()) {
+            match Self::try_start(opts.clone()) {
                 Ok(r) => return Ok(r),
                 Err(e) => last_err = Some(e),
             }
@@ -77,16 +108,25 @@ impl TestRegistry {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    fn try_start(credentials: Option<(String, String)>) -> anyhow::Result<Self> {
+    fn try_start(opts: Options) -> anyhow::Result<Self> {
+        let Options {
+            credentials,
+            tls,
+            storage,
+        } = opts;
         let dir = tempfile::Builder::new()
             .prefix("vessel-registry-")
             .tempdir()
             .context("registry temp dir")?;
         let port = free_port()?;
+        if tls {
+            make_certs(dir.path())?;
+        }
         let config = dir.path().join("config.yml");
+        let data = storage.unwrap_or_else(|| dir.path().join("data"));
         std::fs::write(
             &config,
-            config_yaml(dir.path(), port, credentials.is_some()),
+            config_yaml(dir.path(), &data, port, credentials.is_some(), tls),
         )?;
         if let Some((user, pass)) = &credentials {
             let hash = bcrypt::hash_with_result(pass, 4)
@@ -107,6 +147,7 @@ impl TestRegistry {
             child,
             port,
             credentials,
+            tls,
             dir,
         };
         reg.wait_ready()?;
@@ -119,8 +160,9 @@ impl TestRegistry {
             if let Some(status) = self.child.try_wait()? {
                 bail!("docker-registry exited with {status}: {}", self.log());
             }
-            // 200 when open, 401 when auth is on: either way it serves the API.
-            if matches!(http_status(self.port, "/v2/"), Ok(200 | 401)) {
+            // 200 when open, 401 when auth is on: either way it serves the API. An
+            // HTTPS registry answers a plain request with 400.
+            if matches!(http_status(self.port, "/v2/"), Ok(200 | 401 | 400)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -147,14 +189,21 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn config_yaml(dir: &Path, port: u16, auth: bool) -> String {
+fn config_yaml(dir: &Path, data: &Path, port: u16, auth: bool, tls: bool) -> String {
     let mut s = format!(
         "version: 0.1\n\
          log:\n  level: warn\n  accesslog:\n    disabled: true\n\
          storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
          http:\n  addr: 127.0.0.1:{port}\n",
-        data = dir.join("data").display(),
+        data = data.display(),
     );
+    if tls {
+        s.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        ));
+    }
     if auth {
         s.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: vessel-test\n    path: {}\n",
@@ -162,6 +211,71 @@ fn config_yaml(dir: &Path, port: u16, auth: bool) -> String {
         ));
     }
     s
+}
+
+/// A CA (`ca.crt`) and a server certificate for IP 127.0.0.1 it signed
+/// (`server.crt`, `server.key`), with the openssl command line tool.
+fn make_certs(dir: &Path) -> anyhow::Result<()> {
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.crt"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-days", "2", "-subj", "/CN=vessel-test-ca"])
+        .collect(),
+        [
+            &["req"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-subj", "/CN=127.0.0.1"])
+        .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .context("run openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
 }
 
 /// Status code of a plain `GET path` on 127.0.0.1:port (no HTTP client needed, so

@@ -148,6 +148,60 @@ async fn short_name_pull_through_hosts_toml_mirror() {
     }
 }
 
+/// An HTTPS registry whose certificate comes from a private CA: refused while the CA
+/// is unknown; trusted through a `*.crt` in the registry's certs dir (no hosts.toml),
+/// through hosts.toml's `ca`, or not checked with `skip_verify`. hosts.toml changes
+/// apply to the next pull without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_registry_with_a_private_ca() {
+    let plain = TestRegistry::start().unwrap();
+    let img = testimages::push_busybox(&plain, "tls/busybox:1")
+        .await
+        .unwrap();
+    let tls = TestRegistry::start_tls_view_of(&plain).unwrap();
+    let ca = tls.ca_cert().unwrap();
+    let d = TestDaemon::start().unwrap();
+    let mut c = d.client().await.unwrap();
+    let reference = format!("{}/tls/busybox:1", tls.addr());
+    let dir = d.certs_dir().join(tls.addr());
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = |extra: &str| {
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = {url:?}\n\n[host.{url:?}]\ncapabilities = [\"pull\", \"resolve\"]\n{extra}\n",
+                url = tls.url()
+            ),
+        )
+        .unwrap()
+    };
+
+    let e = c.pull(&reference).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "unknown CA: {e:?}");
+    assert!(
+        e.message().contains("certificate"),
+        "names the cause: {e:?}"
+    );
+    assert!(c.list_images(None).await.unwrap().is_empty());
+
+    std::fs::copy(&ca, dir.join("lab-ca.crt")).unwrap();
+    assert_eq!(c.pull(&reference).await.unwrap(), img.config_digest);
+    c.remove_image(&reference).await.unwrap();
+    std::fs::remove_file(dir.join("lab-ca.crt")).unwrap();
+
+    std::fs::copy(&ca, dir.join("private-ca.pem")).unwrap();
+    hosts("ca = \"private-ca.pem\"");
+    assert_eq!(c.pull(&reference).await.unwrap(), img.config_digest);
+    c.remove_image(&reference).await.unwrap();
+
+    std::fs::remove_file(dir.join("private-ca.pem")).unwrap();
+    hosts("");
+    let e = c.pull(&reference).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "CA gone again: {e:?}");
+    hosts("skip_verify = true");
+    assert_eq!(c.pull(&reference).await.unwrap(), img.config_digest);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn multiarch_zstd_and_user() {
     let (reg, _d, mut c) = setup().await;
