@@ -1,7 +1,7 @@
 //! Pod-level settings end to end, in one pod VM: only the layers of the pod's own
 //! images reach its VM, the VM grows to hold the pod's resources, pod sysctls reach the guest kernel (where the VM is the pod), a bad
-//! sysctl is refused without leaving anything, and the kubelet's termination-log
-//! mount carries a container's last words to the host.
+//! sysctl is refused without leaving anything, the kubelet's termination-log mount
+//! carries a container's last words to the host, and a TTY container is logged.
 
 mod runtime_common;
 
@@ -172,6 +172,35 @@ async fn pod_resources_sysctls_and_termination_log() {
         std::fs::read_to_string(&term).unwrap(),
         "out of coffee\n",
         "termination message on the host"
+    );
+
+    // A TTY container's output reaches its CRI log too (as stdout; a pty ends lines
+    // with \r\n).
+    let mut tty = container_config(
+        "tty",
+        &image,
+        &["sh", "-c", "test -t 1 && echo on a terminal"],
+    );
+    tty.tty = true;
+    let tty = create(&mut c, &pod, &pod_cfg, tty).await.unwrap();
+    start(&mut c, &tty).await;
+    let s = wait_exited(&mut c, &tty, Duration::from_secs(60)).await;
+    assert_eq!(s.exit_code, 0, "stdout is a terminal: {s:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let entries = read_log(&logs.join("tty/0.log"));
+        if !entries.is_empty() || std::time::Instant::now() > deadline {
+            break entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let entries: Vec<_> = entries
+        .into_iter()
+        .map(|(stream, tag, msg)| (stream, tag, msg.trim_end_matches('\r').to_owned()))
+        .collect();
+    assert_eq!(
+        entries,
+        vec![("stdout".into(), "F".into(), "on a terminal".into())]
     );
 
     c.runtime
