@@ -192,11 +192,9 @@ impl Engine {
         layers: &[std::path::PathBuf],
     ) -> Result<String, Status> {
         // Only this image's layers reach the VM; they stay until the pod goes.
-        for layer in layers {
-            live.share
-                .expose_layer(layer)
-                .map_err(|e| Status::internal(format!("image layer: {e}")))?;
-        }
+        live.share
+            .expose_layers(layers)
+            .map_err(|e| Status::internal(format!("image layer: {e}")))?;
         let mut mounts = Vec::new();
         for (i, m) in config.mounts.iter().enumerate() {
             if m.container_path.is_empty() || m.host_path.is_empty() {

@@ -1,16 +1,11 @@
 //! The `RuntimeReady` condition: whether this host can start a pod VM with the default
 //! runtime handler (QEMU, the helpers and the guest image are all there).
 
-use std::path::Path;
-
 use k8s_cri::v1 as cri;
 use vessel_sandbox::preflight::{host_problems, HostNeeds};
 use vessel_sandbox::Binaries;
 
 use crate::config::{Config, DEFAULT_HANDLER};
-
-/// Where the kernel's vhost-vsock device is; without it the user-space helper is used.
-const VHOST_VSOCK_DEV: &str = "/dev/vhost-vsock";
 
 /// Problems that keep the default handler from starting a VM (empty: none).
 pub fn default_handler_problems(config: &Config) -> Vec<String> {
@@ -21,12 +16,7 @@ pub fn default_handler_problems(config: &Config) -> Vec<String> {
     let initrd = handler
         .and_then(|h| h.initrd.as_deref())
         .unwrap_or(&config.guest.initrd);
-    host_problems(&HostNeeds {
-        binaries: &Binaries::default(),
-        kernel,
-        initrd,
-        vhost_vsock_dev: Path::new(VHOST_VSOCK_DEV),
-    })
+    host_problems(&HostNeeds::new(&Binaries::default(), kernel, initrd))
 }
 
 pub fn runtime_condition(config: &Config) -> cri::RuntimeCondition {

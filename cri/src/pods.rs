@@ -300,11 +300,16 @@ impl Engine {
             ips: Vec::new(),
         };
         self.store.add_pod(record).map_err(store_status)?;
-        match self.start_pod_vm(&id, &config, &handler).await {
+        let size = crate::vmsize::vm_size(
+            handler.vcpus,
+            handler.memory_mib,
+            &config,
+            crate::vmsize::host_cpus(),
+        );
+        match self.start_pod_vm(&id, &config, &handler, size).await {
             Ok((live, mut startup)) => {
                 startup.total_ms = millis(started.elapsed());
                 tracing::debug!(pod = %id, ?startup, "pod sandbox started");
-                let size = pod_vm_size(&handler, &config);
                 let facts = VmFacts {
                     pid: live.vm.vmm_pid(),
                     accel: format!("{:?}", live.vm.accel()).to_lowercase(),
@@ -355,6 +360,7 @@ impl Engine {
         id: &str,
         config: &cri::PodSandboxConfig,
         handler: &RuntimeHandlerConfig,
+        size: crate::vmsize::VmSize,
     ) -> Result<(Arc<LivePod>, StartupTimings), Status> {
         let mut timings = StartupTimings::default();
         if !config.log_directory.is_empty() {
@@ -391,7 +397,6 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| self.config.guest.initrd.clone());
         let mut vmc = VmConfig::new(id, self.vm_dir(id), share.path(), kernel, initrd);
-        let size = pod_vm_size(handler, config);
         vmc.vcpus = size.vcpus;
         vmc.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vmc.accel = match handler.accel {
@@ -537,18 +542,6 @@ impl Engine {
     pub fn pod_config(pod: &PodRecord) -> cri::PodSandboxConfig {
         cri::PodSandboxConfig::decode(pod.config.as_slice()).unwrap_or_default()
     }
-}
-
-fn pod_vm_size(
-    handler: &RuntimeHandlerConfig,
-    config: &cri::PodSandboxConfig,
-) -> crate::vmsize::VmSize {
-    crate::vmsize::vm_size(
-        handler.vcpus,
-        handler.memory_mib,
-        config,
-        crate::vmsize::host_cpus(),
-    )
 }
 
 /// hosts, resolv.conf and hostname of a pod.

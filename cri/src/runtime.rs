@@ -36,9 +36,7 @@ impl RuntimeSvc {
             pod_cidr: std::sync::Mutex::default(),
         }
     }
-}
 
-impl RuntimeSvc {
     /// Runs a lifecycle call to its end on its own task. tonic drops a handler's
     /// future when the client goes away (a kubelet timeout, a killed crictl); a
     /// RunPodSandbox cut off between QEMU's start and its unwind would leave a VM

@@ -7,15 +7,31 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Binaries;
 
+/// The kernel's vhost-vsock device; without it the user-space vsock helper serves
+/// the agent channel.
+pub const VHOST_VSOCK_DEV: &str = "/dev/vhost-vsock";
+
 /// What a pod VM needs from the host: the programs and the guest files.
 #[derive(Debug, Clone)]
 pub struct HostNeeds<'a> {
     pub binaries: &'a Binaries,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
-    /// Where the kernel vhost-vsock device would be (`/dev/vhost-vsock`); without it
-    /// the user-space vsock helper is needed.
+    /// Where the kernel vhost-vsock device would be ([`VHOST_VSOCK_DEV`]); without
+    /// it the user-space vsock helper is needed.
     pub vhost_vsock_dev: &'a Path,
+}
+
+impl<'a> HostNeeds<'a> {
+    /// The needs of a VM with these programs and guest files on this host.
+    pub fn new(binaries: &'a Binaries, kernel: &'a Path, initrd: &'a Path) -> Self {
+        HostNeeds {
+            binaries,
+            kernel,
+            initrd,
+            vhost_vsock_dev: Path::new(VHOST_VSOCK_DEV),
+        }
+    }
 }
 
 /// Every reason a VM could not start here, one sentence each, naming the fix; empty

@@ -164,7 +164,8 @@ impl PodVm {
         let accel = tokio::task::spawn_blocking(move || accel::resolve(want, &cache))
             .await
             .map_err(|e| Error::Sys("accel probe", std::io::Error::other(e)))??;
-        let kernel_vsock = accel == ResolvedAccel::Kvm && Path::new("/dev/vhost-vsock").exists();
+        let kernel_vsock =
+            accel == ResolvedAccel::Kvm && Path::new(crate::preflight::VHOST_VSOCK_DEV).exists();
         let port = vessel_proto::AGENT_VSOCK_PORT;
         let (vsock, agent_addr) = if kernel_vsock {
             let cid = cid_for(&cfg.id);

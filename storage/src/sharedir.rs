@@ -11,6 +11,7 @@
 //!   tenant)
 //! - `ctr/<container id>/<n>`: one bind mount per container volume
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{
@@ -35,16 +36,19 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(rustix::io::Errno) -> St
     }
 }
 
-/// Whether `path` is a mount point (its device differs from its parent's, or it
-/// appears in /proc/self/mountinfo).
-fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines()
+/// Every mount point in /proc/self/mountinfo (none if it cannot be read).
+fn mount_points() -> HashSet<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| unescape(mp) == want)
+        .map(unescape)
+        .collect()
+}
+
+/// Whether `path` appears as a mount point in /proc/self/mountinfo.
+fn is_mount_point(path: &Path) -> bool {
+    mount_points().contains(path.to_string_lossy().as_ref())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -96,6 +100,24 @@ impl ShareDir {
     /// Callers serialize calls for one share dir. Returns the path relative to the
     /// share dir.
     pub fn expose_layer(&self, layer_dir: &Path) -> Result<String, StorageError> {
+        self.expose_layer_in(layer_dir, &mount_points())
+    }
+
+    /// [`ShareDir::expose_layer`] for each of an image's layers, reading the mount
+    /// table once.
+    pub fn expose_layers(&self, layer_dirs: &[PathBuf]) -> Result<(), StorageError> {
+        let mounted = mount_points();
+        for dir in layer_dirs {
+            self.expose_layer_in(dir, &mounted)?;
+        }
+        Ok(())
+    }
+
+    fn expose_layer_in(
+        &self,
+        layer_dir: &Path,
+        mounted: &HashSet<String>,
+    ) -> Result<String, StorageError> {
         let name = layer_dir
             .file_name()
             .ok_or_else(|| StorageError::Io {
@@ -106,7 +128,7 @@ impl ShareDir {
             .to_owned();
         let rel = Path::new("layers").join(&name);
         let target = self.path.join(&rel);
-        if !is_mount_point(&target) {
+        if !mounted.contains(target.to_string_lossy().as_ref()) {
             std::fs::create_dir_all(&target).map_err(StorageError::io("create", &target))?;
             mount_bind(layer_dir, &target).map_err(io_err("bind-mount", &target))?;
             if let Err(e) = mount_remount(&target, MountFlags::BIND | MountFlags::RDONLY, "") {
