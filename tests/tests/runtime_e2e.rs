@@ -424,30 +424,24 @@ async fn state_survives_a_vesseld_kill() {
     let doomed = run_pod(&mut c, &doomed_cfg, "")
         .await
         .expect("RunPodSandbox");
-    let doomed_ctr = create(
+    let doomed_ctr = run_container(
         &mut c,
         &doomed,
         &doomed_cfg,
         container_config("victim", &image, &["sh", "-c", LONG_RUNNER]),
     )
-    .await
-    .unwrap();
-    start(&mut c, &doomed_ctr).await;
-    let doomed_info: serde_json::Value =
-        serde_json::from_str(&pod_status(&mut c, &doomed).await.info["info"]).unwrap();
-    let doomed_vm = doomed_info["vmPid"].as_i64().unwrap() as i32;
+    .await;
+    let doomed_vm = pod_info(&mut c, &doomed).await["vmPid"].as_i64().unwrap() as i32;
 
     // Numbered lines, so a gap or a stop in the log shows.
     let ticker = "trap 'exit 143' TERM; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
-    let long = create(
+    let long = run_container(
         &mut c,
         &pod,
         &pod_cfg,
         container_config("long", &image, &["sh", "-c", ticker]),
     )
-    .await
-    .unwrap();
-    start(&mut c, &long).await;
+    .await;
     // Exits while vesseld is down.
     let short = create(
         &mut c,

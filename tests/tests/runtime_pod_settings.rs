@@ -58,23 +58,20 @@ async fn pod_resources_sysctls_and_termination_log() {
     });
 
     let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
-    let st = pod_status(&mut c, &pod).await;
-    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
+    let info = pod_info(&mut c, &pod).await;
     // [runtimes.default] is 1 vCPU and 256 MiB (runtime_common::setup).
     let host_cpus = std::thread::available_parallelism().unwrap().get() as u64;
     let want_vcpus = 2.min(host_cpus.max(1));
     assert_eq!(info["memoryMib"], 256 + 128, "{info}");
     assert_eq!(info["vcpus"], want_vcpus, "{info}");
 
-    let ctr = create(
+    let ctr = run_container(
         &mut c,
         &pod,
         &pod_cfg,
         container_config("probe", &image, &["sh", "-c", LONG_RUNNER]),
     )
-    .await
-    .expect("CreateContainer with pod sysctls");
-    start(&mut c, &ctr).await;
+    .await;
 
     // The pod's share dir (all its VM can see of the host) holds the busybox layer,
     // not the other image's.
@@ -164,8 +161,7 @@ async fn pod_resources_sysctls_and_termination_log() {
         host_path: term.display().to_string(),
         ..Default::default()
     }];
-    let last = create(&mut c, &pod, &pod_cfg, last).await.unwrap();
-    start(&mut c, &last).await;
+    let last = run_container(&mut c, &pod, &pod_cfg, last).await;
     let s = wait_exited(&mut c, &last, Duration::from_secs(60)).await;
     assert_eq!(s.exit_code, 2);
     assert_eq!(
@@ -182,8 +178,7 @@ async fn pod_resources_sysctls_and_termination_log() {
         &["sh", "-c", "test -t 1 && echo on a terminal"],
     );
     tty.tty = true;
-    let tty = create(&mut c, &pod, &pod_cfg, tty).await.unwrap();
-    start(&mut c, &tty).await;
+    let tty = run_container(&mut c, &pod, &pod_cfg, tty).await;
     let s = wait_exited(&mut c, &tty, Duration::from_secs(60)).await;
     assert_eq!(s.exit_code, 0, "stdout is a terminal: {s:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

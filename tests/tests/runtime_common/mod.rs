@@ -146,6 +146,23 @@ pub async fn pod_status(c: &mut CriClient, id: &str) -> cri::PodSandboxStatusRes
         .into_inner()
 }
 
+/// The verbose PodSandboxStatus info (`vmPid`, `accel`, `vcpus`, `memoryMib`, ...).
+pub async fn pod_info(c: &mut CriClient, id: &str) -> serde_json::Value {
+    serde_json::from_str(&pod_status(c, id).await.info["info"]).expect("pod info is JSON")
+}
+
+/// CreateContainer + StartContainer; the container id.
+pub async fn run_container(
+    c: &mut CriClient,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    cfg: cri::ContainerConfig,
+) -> String {
+    let id = create(c, pod, pod_cfg, cfg).await.expect("CreateContainer");
+    start(c, &id).await;
+    id
+}
+
 pub async fn wait_exited(c: &mut CriClient, id: &str, limit: Duration) -> cri::ContainerStatus {
     let deadline = Instant::now() + limit;
     loop {
