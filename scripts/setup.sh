@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 cargo build --release -p vessel-cri
-install -m 0755 target/release/vesseld /usr/local/bin/vesseld
+install -m 0755 "${CARGO_TARGET_DIR:-target}/release/vesseld" /usr/local/bin/vesseld
 VESSEL_GUEST_DIR=/usr/share/vessel scripts/build-guest.sh
 
 # Pod networking is on only when a CNI config exists: install the default bridge +
