@@ -22,9 +22,13 @@ fn is_whiteout(meta: &std::fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0
 }
 
+/// Largest file [`read_merged_file`] reads (an image's /etc/passwd or /etc/group).
+pub const MAX_MERGED_FILE: u64 = 4 << 20;
+
 /// Reads `rel` (e.g. "etc/passwd") from the merged view of `layers` (bottom→top):
 /// the top-most layer that has it wins, a whiteout or a non-directory parent above
-/// hides it. Symlinks are not followed. None when absent.
+/// hides it. Symlinks are not followed. None when absent or larger than
+/// [`MAX_MERGED_FILE`].
 pub fn read_merged_file(layers: &[PathBuf], rel: &str) -> Option<Vec<u8>> {
     let rel = Path::new(rel.trim_start_matches('/'));
     for layer in layers.iter().rev() {
@@ -46,7 +50,10 @@ pub fn read_merged_file(layers: &[PathBuf], rel: &str) -> Option<Vec<u8>> {
         }
         match std::fs::symlink_metadata(layer.join(rel)) {
             Ok(m) if is_whiteout(&m) => return None,
-            Ok(m) if m.is_file() => return std::fs::read(layer.join(rel)).ok(),
+            // Layers come from registries: a huge file is refused, not read whole.
+            Ok(m) if m.is_file() && m.len() <= MAX_MERGED_FILE => {
+                return std::fs::read(layer.join(rel)).ok()
+            }
             Ok(_) => return None,
             Err(_) => continue,
         }

@@ -82,7 +82,12 @@ async fn pod_resources_sysctls_and_termination_log() {
             .filter(|n| !n.starts_with('.'))
             .collect()
     };
-    let exposed = entries(d.run_root().join("pods").join(&pod).join("share/layers"));
+    let exposed = entries(
+        d.run_root()
+            .join("pods")
+            .join(&pod)
+            .join("share/export/layers"),
+    );
     let stored = entries(d.root().join("snapshots"));
     assert_eq!(exposed.len(), 1, "busybox is one layer: {exposed:?}");
     assert!(exposed.is_subset(&stored), "{exposed:?} of {stored:?}");
