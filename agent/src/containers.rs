@@ -294,6 +294,7 @@ impl Containers {
             pid_ns_path: ns_path(&req.share_pid_with, "pid")?,
             ipc_ns_path: ns_path(&req.share_ipc_with, "ipc")?,
         };
+        crate::podfiles::ensure()?;
         let mut spec = spec::prepare(&req.spec_json, &adj)?;
         // Pod-wide: set (again, harmlessly) by every container of the pod.
         crate::sysctl::apply(&crate::sysctl::take_guest_sysctls(&mut spec))?;

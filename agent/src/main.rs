@@ -11,6 +11,7 @@ mod mounts;
 mod network;
 mod oci;
 mod output;
+mod podfiles;
 mod ready;
 mod reaper;
 mod service;

@@ -20,6 +20,12 @@ pub const SHARE_TAG: &str = "vessel";
 /// Where the agent mounts the pod share dir inside the guest.
 pub const GUEST_SHARE_DIR: &str = "/run/vessel/share";
 
+/// Where the agent keeps the guest's own copy of the pod files (`hosts`,
+/// `resolv.conf`, `hostname`) that the host puts, read-only, in `pod/` of the share.
+/// Containers bind these writable copies: what they write lands in guest memory,
+/// never on the host.
+pub const GUEST_POD_FILES_DIR: &str = "/run/vessel/pod";
+
 /// vsock port on the host (CID 2) the agent connects to once it serves
 /// `AGENT_VSOCK_PORT`, to announce that it is ready: the host waits for this instead
 /// of polling the guest. With vhost-device-vsock the connection arrives on the unix
