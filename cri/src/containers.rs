@@ -10,7 +10,7 @@ use k8s_cri::v1 as cri;
 use prost::Message as _;
 use tonic::Status;
 use vessel_proto::agent as pb;
-use vessel_proto::GUEST_SHARE_DIR;
+use vessel_proto::{GUEST_POD_FILES_DIR, GUEST_SHARE_DIR};
 use vessel_sandbox::AgentClient;
 use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
 
@@ -21,6 +21,9 @@ use crate::store::{new_id, ContainerRecord, ContainerState, PodState, StoreError
 
 /// Where the guest assembles container root filesystems (guest tmpfs).
 const GUEST_ROOTFS_DIR: &str = "/run/vessel/rootfs";
+/// Most output ExecSync keeps per stream (containerd's cap): the reply is held in
+/// vesseld's memory, and the guest decides how much it sends.
+pub const MAX_EXEC_SYNC_OUTPUT: usize = 16 << 20;
 /// How long a SIGKILLed container may take to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(15);
 
@@ -227,7 +230,7 @@ impl Engine {
         .into_iter()
         .map(|(dest, name)| GuestMount {
             destination: dest.into(),
-            source: format!("{GUEST_SHARE_DIR}/pod/{name}"),
+            source: format!("{GUEST_POD_FILES_DIR}/{name}"),
             readonly: false,
         })
         .collect();
@@ -479,38 +482,46 @@ impl Engine {
         let run = async {
             let out = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stdout);
             let err = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stderr);
-            let (out, err) = tokio::join!(out, err);
+            // The first stream over its cap ends both reads (the other may never end).
+            let (out, err) = tokio::try_join!(out, err)?;
             let status = agent
                 .wait_process(&c.id, &exec_id)
                 .await
                 .map_err(|e| agent_status("agent WaitProcess", e))?;
             Ok::<_, Status>(cri::ExecSyncResponse {
-                stdout: out?,
-                stderr: err?,
+                stdout: out,
+                stderr: err,
                 exit_code: status.exit_code,
             })
         };
-        if req.timeout > 0 {
+        let kill = || async {
+            let _ = agent
+                .signal_process(pb::SignalProcessRequest {
+                    container_id: c.id.clone(),
+                    exec_id: exec_id.clone(),
+                    signal: libc::SIGKILL as u32,
+                    all: false,
+                })
+                .await;
+        };
+        let res = if req.timeout > 0 {
             match tokio::time::timeout(Duration::from_secs(req.timeout as u64), run).await {
                 Ok(r) => r,
                 Err(_) => {
-                    let _ = agent
-                        .signal_process(pb::SignalProcessRequest {
-                            container_id: c.id.clone(),
-                            exec_id,
-                            signal: libc::SIGKILL as u32,
-                            all: false,
-                        })
-                        .await;
-                    Err(Status::deadline_exceeded(format!(
+                    kill().await;
+                    return Err(Status::deadline_exceeded(format!(
                         "command {:?} timed out after {}s",
                         req.cmd, req.timeout
-                    )))
+                    )));
                 }
             }
         } else {
             run.await
+        };
+        if matches!(&res, Err(s) if s.code() == tonic::Code::ResourceExhausted) {
+            kill().await;
         }
+        res
     }
 
     pub async fn update_resources(
@@ -582,6 +593,17 @@ async fn read_all(
         .map_err(|e| agent_status("agent ReadOutput", e))?;
     let mut out = Vec::new();
     while let Some(chunk) = s.message().await? {
+        if out.len() + chunk.data.len() > MAX_EXEC_SYNC_OUTPUT {
+            return Err(Status::resource_exhausted(format!(
+                "ExecSync: the command wrote more than {} MiB to {}, the most ExecSync \
+                 returns; it was killed. Use a streaming exec (crictl exec -i) for large output",
+                MAX_EXEC_SYNC_OUTPUT >> 20,
+                match which {
+                    pb::OutputStream::Stdout => "stdout",
+                    pb::OutputStream::Stderr => "stderr",
+                }
+            )));
+        }
         out.extend_from_slice(&chunk.data);
     }
     Ok(out)

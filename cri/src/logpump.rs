@@ -235,7 +235,7 @@ enum End {
 impl Pump {
     async fn run(self) {
         let (file, mut done) = match OffsetFile::open(&self.offset_path) {
-            Ok((f, o)) => (Some(f), o),
+            Ok((f, o)) => (Some(Arc::new(f)), o),
             Err(e) => {
                 tracing::warn!(container = %self.id, path = %self.offset_path.display(), error = %e,
                     "cannot open the output offset file; a vesseld restart may repeat output");
@@ -294,7 +294,7 @@ impl Pump {
         &self,
         mut s: tonic::Streaming<pb::OutputChunk>,
         done: &mut u64,
-        file: Option<&OffsetFile>,
+        file: Option<&Arc<OffsetFile>>,
         acked: &watch::Sender<u64>,
         failures: &mut u32,
     ) -> End {
@@ -302,19 +302,6 @@ impl Pump {
         // reopen, so every stream starts with an empty splitter at `*done`.
         let mut lines = LineSplitter::default();
         let mut next = *done;
-        let commit = |entries: Vec<(Tag, Vec<u8>)>, done: &mut u64| {
-            if entries.is_empty() {
-                return;
-            }
-            self.write(&entries);
-            *done += consumed(&entries);
-            if let Some(f) = file {
-                if let Err(e) = f.store(*done) {
-                    tracing::warn!(container = %self.id, error = %e, "cannot store the output offset");
-                }
-            }
-            acked.send_replace(*done);
-        };
         loop {
             match s.message().await {
                 Ok(Some(chunk)) => {
@@ -325,7 +312,7 @@ impl Pump {
                         tracing::warn!(container = %self.id, which = ?self.which,
                             lost = chunk.offset - next, "output bytes were lost");
                         if let Some(last) = lines.finish() {
-                            self.write(&[last]);
+                            self.persist(vec![last], None, None).await;
                         }
                         *done = chunk.offset;
                         next = chunk.offset;
@@ -333,17 +320,18 @@ impl Pump {
                     let skip = (next - chunk.offset).min(data.len() as u64) as usize;
                     data = &data[skip..];
                     next += data.len() as u64;
-                    commit(lines.feed(data), done);
+                    let entries = lines.feed(data);
+                    if !entries.is_empty() {
+                        *done += consumed(&entries);
+                        self.persist(entries, Some(*done), file).await;
+                        acked.send_replace(*done);
+                    }
                 }
                 Ok(None) => {
                     // The last line has no newline: what was fed is what is logged.
-                    if let Some(last) = lines.finish() {
-                        self.write(&[last]);
-                    }
+                    let last: Vec<_> = lines.finish().into_iter().collect();
                     *done = next;
-                    if let Some(f) = file {
-                        let _ = f.store(*done);
-                    }
+                    self.persist(last, Some(*done), file).await;
                     acked.send_replace(*done);
                     return End::Done;
                 }
@@ -356,13 +344,33 @@ impl Pump {
         }
     }
 
-    fn write(&self, entries: &[(Tag, Vec<u8>)]) {
-        if let Some(log) = &self.log {
-            // A log that cannot be written drops output, as with no log at all:
-            // holding it would block the container forever.
-            if let Err(e) = log.write(self.stream, entries) {
-                tracing::warn!(container = %self.id, error = %e, "cannot write the log");
+    /// Writes entries to the log, then (when given) stores the offset the log now
+    /// holds. File writes run on the blocking pool: a slow disk or one pod's flood
+    /// never stalls the async workers that serve every other pod's calls.
+    async fn persist(
+        &self,
+        entries: Vec<(Tag, Vec<u8>)>,
+        offset: Option<u64>,
+        file: Option<&Arc<OffsetFile>>,
+    ) {
+        let (log, stream, id) = (self.log.clone(), self.stream, self.id.clone());
+        let file = file.cloned();
+        let task = tokio::task::spawn_blocking(move || {
+            if let (Some(log), false) = (&log, entries.is_empty()) {
+                // A log that cannot be written drops output, as with no log at all:
+                // holding it would block the container forever.
+                if let Err(e) = log.write(stream, &entries) {
+                    tracing::warn!(container = %id, error = %e, "cannot write the log");
+                }
             }
+            if let (Some(f), Some(offset)) = (&file, offset) {
+                if let Err(e) = f.store(offset) {
+                    tracing::warn!(container = %id, error = %e, "cannot store the output offset");
+                }
+            }
+        });
+        if let Err(e) = task.await {
+            tracing::warn!(container = %self.id, error = %e, "log writer task failed");
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct AgentClient {
     addr: VsockAddr,
 }
 
+/// Largest agent reply vesseld decodes.
+const MAX_AGENT_MESSAGE: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +45,10 @@ impl AgentClient {
             .keep_alive_while_idle(true)
             .connect_with_connector_lazy(connector);
         Self {
-            rpc: agent_client::AgentClient::new(channel),
+            // Every reply is the guest's to shape: bound each message explicitly (large
+            // data comes as streams of small chunks that callers bound in turn).
+            rpc: agent_client::AgentClient::new(channel)
+                .max_decoding_message_size(MAX_AGENT_MESSAGE),
             call_timeout,
             addr,
         }
