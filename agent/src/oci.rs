@@ -27,8 +27,29 @@ pub const HELPER_ARG: &str = "__oci";
 /// fds at which the helper receives the container's stdin, stdout, stderr.
 pub const STDIO_FDS: [i32; 3] = [3, 4, 5];
 
+/// Gives this process (and so the containers and execs it creates) the default
+/// disposition of every signal and an empty signal mask, as runc's children get.
+/// The Rust runtime ignores SIGPIPE at start, and an ignored signal stays ignored
+/// across fork and exec: without this every container ran with SIGPIPE ignored.
+fn default_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in nix::sys::signal::Signal::iterator() {
+        if matches!(
+            sig,
+            nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP
+        ) {
+            continue;
+        }
+        // SAFETY: installs SIG_DFL, not a handler; nothing runs on delivery.
+        let _ = unsafe { sigaction(sig, &default) };
+    }
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
 /// Entry of helper mode. Returns the process exit code.
 pub fn helper_main(args: &[String]) -> i32 {
+    default_signals();
     // libcontainer reports the failing step through `tracing`; the agent puts the
     // helper's stderr into the RPC error.
     tracing_subscriber::fmt()

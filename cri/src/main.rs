@@ -5,6 +5,7 @@ mod config;
 mod containers;
 mod crilog;
 mod hostcheck;
+mod hostname;
 mod images;
 mod instance;
 mod logging;

@@ -50,6 +50,8 @@ pub enum SpecError {
     User(#[from] UserError),
     #[error("invalid seccomp profile: {0}")]
     Seccomp(String),
+    #[error("run_as_group is set without run_as_user or run_as_username: a group needs a user")]
+    GroupWithoutUser,
     #[error("invalid OCI spec: {0}")]
     Oci(#[from] oci_spec::OciSpecError),
 }
@@ -256,6 +258,12 @@ pub fn user(
     group: &str,
 ) -> Result<passwd::ResolvedUser, SpecError> {
     let image_user = image.and_then(|i| i.user().clone()).unwrap_or_default();
+    // As containerd: a group alone would silently mix with the image's user.
+    if sc.is_some_and(|s| {
+        s.run_as_group.is_some() && s.run_as_user.is_none() && s.run_as_username.is_empty()
+    }) {
+        return Err(SpecError::GroupWithoutUser);
+    }
     let mut resolved = match sc {
         Some(sc) if sc.run_as_user.is_some() => {
             let uid = sc.run_as_user.as_ref().map(|v| v.value).unwrap_or(0);
@@ -437,17 +445,7 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
     root.set_path("rootfs".into());
     root.set_readonly(Some(sc.is_some_and(|s| s.readonly_rootfs)));
     spec.set_root(Some(root));
-    let hostname = if input.pod.hostname.is_empty() {
-        input
-            .pod
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default()
-    } else {
-        input.pod.hostname.clone()
-    };
-    spec.set_hostname(Some(hostname));
+    spec.set_hostname(Some(crate::hostname::pod_hostname(input.pod)));
 
     // Mounts: defaults, cgroupfs, then pod files, then CRI mounts (last wins).
     let mut mounts = spec.mounts().clone().unwrap_or_default();
@@ -710,6 +708,12 @@ mod tests {
             build_with(&c, Some(&img)),
             Err(SpecError::User(_))
         ));
+        sc(&mut c).run_as_username = String::new();
+        assert!(matches!(
+            build_with(&c, Some(&img)),
+            Err(SpecError::GroupWithoutUser)
+        ));
+        sc(&mut c).run_as_username = "ghost".into();
         // Image user by name, no passwd entry: error.
         let c = cri::ContainerConfig {
             command: vec!["x".into()],

@@ -161,24 +161,12 @@ fn dns(plan: &GuestNetworkPlan, config: &cri::PodSandboxConfig) -> pb::DnsConfig
     }
 }
 
-fn hostname(config: &cri::PodSandboxConfig) -> String {
-    if config.hostname.is_empty() {
-        config
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default()
-    } else {
-        config.hostname.clone()
-    }
-}
-
 /// The agent request configuring the guest from the plan.
 pub fn configure_request(
     plan: &GuestNetworkPlan,
     config: &cri::PodSandboxConfig,
 ) -> pb::ConfigureNetworkRequest {
-    let hostname = hostname(config);
+    let hostname = crate::hostname::pod_hostname(config);
     let hosts = pod_ips(plan)
         .into_iter()
         .map(|ip| pb::HostEntry {
@@ -247,7 +235,7 @@ pub fn adjust_pod_files(
         "resolv.conf",
         resolv_conf(&d.servers, &d.searches, &d.options),
     );
-    let name = hostname(config);
+    let name = crate::hostname::pod_hostname(config);
     if let Some(hosts) = files.get_mut("hosts") {
         for ip in pod_ips(plan) {
             hosts.push_str(&format!("{ip}\t{name}\n"));

@@ -396,7 +396,7 @@ impl Engine {
             .initrd
             .clone()
             .unwrap_or_else(|| self.config.guest.initrd.clone());
-        let mut vmc = VmConfig::new(id, self.vm_dir(id), share.path(), kernel, initrd);
+        let mut vmc = VmConfig::new(id, self.vm_dir(id), share.export_path(), kernel, initrd);
         vmc.vcpus = size.vcpus;
         vmc.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
         vmc.accel = match handler.accel {
@@ -546,15 +546,7 @@ impl Engine {
 
 /// hosts, resolv.conf and hostname of a pod.
 pub fn pod_files(config: &cri::PodSandboxConfig) -> BTreeMap<&'static str, String> {
-    let hostname = if config.hostname.is_empty() {
-        config
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default()
-    } else {
-        config.hostname.clone()
-    };
+    let hostname = crate::hostname::pod_hostname(config);
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
     );
