@@ -37,11 +37,11 @@ const SHARED_CHAINS: &[&str] = &[
 fn usable() -> bool {
     let guest = guest_dir();
     if !guest.join("vmlinux").is_file() || !guest.join("initrd.img").is_file() {
-        eprintln!("SKIPPED: no guest in {}", guest.display());
+        vessel_tests::skip_vm_or_fail(&format!("no guest in {}", guest.display()));
         return false;
     }
     if !nix::unistd::geteuid().is_root() || !Path::new("/usr/lib/cni/bridge").exists() {
-        eprintln!("SKIPPED: needs root and the CNI plugins in /usr/lib/cni");
+        vessel_tests::skip_vm_or_fail("needs root and the CNI plugins in /usr/lib/cni");
         return false;
     }
     true

@@ -36,7 +36,7 @@ async fn setup(host: &TestHost) -> Option<(TestRegistry, TestDaemon, CriClient, 
     let guest = guest_dir();
     let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
     if !kernel.is_file() || !initrd.is_file() {
-        eprintln!("SKIPPED: no guest in {}", guest.display());
+        vessel_tests::skip_vm_or_fail(&format!("no guest in {}", guest.display()));
         return None;
     }
     let reg = TestRegistry::start().unwrap();

@@ -25,10 +25,10 @@ pub async fn setup() -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
     let guest = guest_dir();
     let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
     if !kernel.is_file() || !initrd.is_file() {
-        eprintln!(
-            "SKIPPED: no guest in {} (scripts/build-guest.sh builds it)",
+        vessel_tests::skip_vm_or_fail(&format!(
+            "no guest in {} (scripts/build-guest.sh builds it)",
             guest.display()
-        );
+        ));
         return None;
     }
     let reg = TestRegistry::start().unwrap();
