@@ -44,9 +44,35 @@ pub struct SpawnSpec<'a> {
     pub keep_fds: Vec<RawFd>,
 }
 
+/// How a spawned process is confined. Everything is prepared before the fork; the
+/// child only makes raw syscalls with it.
+#[derive(Debug, Default, Clone)]
+pub struct Confine {
+    /// `cgroup.procs` descriptors (held open by the caller across the spawn): the
+    /// child writes "0" to each before anything else, so all it forks is inside.
+    pub cgroup_procs: Vec<RawFd>,
+    /// Run as this uid/gid, with `groups` as the only supplementary groups, and with
+    /// no_new_privs (no setuid binary or file capability can give anything back).
+    pub user: Option<(u32, u32)>,
+    /// Supplementary groups kept with `user` (e.g. the group of /dev/kvm).
+    pub groups: Vec<u32>,
+    /// A seccomp filter installed right before exec (after the uid change).
+    pub seccomp: Option<seccompiler::BpfProgram>,
+    /// Working directory, entered as root before the uid change: the process then
+    /// reaches its sockets by relative paths, whatever the dirs above allow.
+    pub cwd: Option<std::path::PathBuf>,
+}
+
 /// Starts a process in its own session (so signals to vesseld's group miss it and it
 /// outlives vesseld), stdin on /dev/null, output to the log file.
 pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
+    spawn_confined(spec, &Confine::default())
+}
+
+/// `spawn_detached`, confined as `confine` says. Order in the child: new session,
+/// cgroup, network namespace (both need root), inherited fds, then groups, gid, uid,
+/// no_new_privs, seccomp, exec.
+pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
     let log = File::options()
         .create(true)
         .append(true)
@@ -59,16 +85,63 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
         .map(|p| File::open(p).map_err(|e| Error::io(p, e)))
         .transpose()?;
     let keep_fds = spec.keep_fds.clone();
-    let mut cmd = Command::new(spec.program);
+    let cgroup_procs = confine.cgroup_procs.clone();
+    let user = confine
+        .user
+        .map(|(u, g)| (rustix::process::Uid::from_raw_unchecked(u), g));
+    let groups: Vec<rustix::process::Gid> = confine
+        .groups
+        .iter()
+        .map(|&g| rustix::process::Gid::from_raw_unchecked(g))
+        .collect();
+    let seccomp = confine.seccomp.clone();
+    // An unprivileged process may not be able to reach its own binary (e.g. under
+    // /root/.cargo/bin): then vesseld opens it and the child execs the descriptor
+    // (whose name, not the program's, becomes the process's comm).
+    let exe = match confine.user {
+        Some(_) => {
+            let not_found = || Error::Spawn {
+                program: spec.program.display().to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            };
+            let path = crate::preflight::find_program(spec.program).ok_or_else(not_found)?;
+            let reachable = path
+                .parent()
+                .is_some_and(|d| crate::jail::check_world_searchable(d).is_ok());
+            if reachable {
+                None
+            } else {
+                Some(File::open(&path).map_err(|e| Error::io(&path, e))?)
+            }
+        }
+        None => None,
+    };
+    let mut cmd = match &exe {
+        Some(f) => {
+            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            c.arg0(spec.program);
+            c
+        }
+        None => Command::new(spec.program),
+    };
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
+    // std changes directory in the child before running `pre_exec`, i.e. as root.
+    if let Some(cwd) = &confine.cwd {
+        cmd.current_dir(cwd);
+    }
     // SAFETY: the closure runs between fork and exec and only makes raw syscalls
-    // (setsid, setns, fcntl) on descriptors opened before the fork; it allocates nothing.
+    // (setsid, write, setns, fcntl, setgroups/setgid/setuid, prctl, seccomp) on
+    // descriptors and data prepared before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::setsid()?;
+            for &fd in &cgroup_procs {
+                // SAFETY: the caller keeps the cgroup.procs descriptors open.
+                rustix::io::write(BorrowedFd::borrow_raw(fd), b"0")?;
+            }
             if let Some(ns) = &netns {
                 rustix::thread::move_into_link_name_space(
                     ns.as_fd(),
@@ -80,6 +153,19 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
                 let fd = BorrowedFd::borrow_raw(fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             }
+            if let Some((uid, gid)) = user {
+                // Per-thread raw syscalls (not glibc's all-threads broadcast, which is
+                // not async-signal-safe); the child has one thread.
+                rustix::thread::set_thread_groups(&groups)?;
+                rustix::thread::set_thread_gid(rustix::process::Gid::from_raw_unchecked(gid))?;
+                rustix::thread::set_thread_uid(uid)?;
+            }
+            if user.is_some() || seccomp.is_some() {
+                rustix::thread::set_no_new_privs(true)?;
+            }
+            if let Some(prog) = &seccomp {
+                seccompiler::apply_filter(prog).map_err(|_| std::io::Error::last_os_error())?;
+            }
             Ok(())
         });
     }
@@ -87,6 +173,7 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
         program: spec.program.display().to_string(),
         source,
     })?;
+    drop(exe);
     // The std Child is dropped without waiting: the pidfd watcher reaps it.
     let pid = child.id() as i32;
     let pidfd = open_pidfd(pid).map_err(|e| Error::Sys("pidfd_open", e.into()))?;
@@ -347,6 +434,56 @@ mod tests {
         assert!(p.has_exited());
         // Reaped: no zombie left.
         assert!(start_time(p.pid()).is_none());
+    }
+
+    /// The child runs as the given ids, with no groups, no capabilities,
+    /// no_new_privs and the seccomp filter, in the given directory.
+    #[tokio::test]
+    async fn confined_spawn_drops_privileges() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c.log");
+        let uid = 4_000_000_300;
+        let p = spawn_confined(
+            &SpawnSpec {
+                program: Path::new("sh"),
+                args: vec!["-c".into(), "pwd; exec sleep 60".into()],
+                log: &log,
+                netns: None,
+                keep_fds: vec![],
+            },
+            &Confine {
+                user: Some((uid, uid + 1)),
+                seccomp: Some(crate::seccomp::vsock_helper_filter().unwrap()),
+                cwd: Some("/proc".into()),
+                ..Confine::default()
+            },
+        )
+        .unwrap();
+        let status = loop {
+            let s = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+            // Until exec, the child is still a copy of this test (Name: the test's).
+            if s.starts_with("Name:\tsleep") {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(field("Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+        let gid = uid + 1;
+        assert_eq!(field("Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"));
+        assert_eq!(field("Groups:"), "");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        assert_eq!(field("Seccomp:"), "2");
+        assert!(std::fs::read_to_string(&log).unwrap().starts_with("/proc"));
+        p.kill().await;
     }
 
     #[tokio::test]
