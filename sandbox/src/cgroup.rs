@@ -324,6 +324,33 @@ mod tests {
         assert!(pod_cgroup_path(None, "").is_err());
     }
 
+    /// v2: controllers are enabled on every level above the pod cgroup (a plain
+    /// directory tree stands in for cgroupfs here).
+    #[test]
+    fn v2_create_enables_controllers_above_and_remove_takes_the_leaf() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rel = pod_cgroup_path(Some("/kubepods/pod1"), "x").unwrap();
+        let cg = PodCgroup {
+            dirs: vec![tmp.path().join(&rel)],
+            rel,
+            unified: true,
+        };
+        cg.create().unwrap();
+        assert!(cg.dirs[0].is_dir());
+        for level in ["", "kubepods", "kubepods/pod1"] {
+            let f = tmp.path().join(level).join("cgroup.subtree_control");
+            assert!(f.exists(), "{}", f.display());
+        }
+        assert!(!cg.dirs[0].join("cgroup.subtree_control").exists());
+        std::fs::write(cg.dirs[0].join("cgroup.procs"), b"").unwrap();
+        assert_eq!(cg.open_procs().unwrap().len(), 1);
+        std::fs::remove_file(cg.dirs[0].join("cgroup.procs")).unwrap();
+        cg.remove().unwrap();
+        assert!(!cg.dirs[0].exists());
+        assert!(tmp.path().join("kubepods/pod1").is_dir(), "parents stay");
+        cg.remove().unwrap();
+    }
+
     #[test]
     fn finds_v1_v2_and_hybrid_hierarchies() {
         let hybrid = "\

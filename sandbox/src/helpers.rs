@@ -103,8 +103,14 @@ pub fn spawn_vsock_helper_confined(
     confine: &Confine,
 ) -> Result<Proc> {
     let (mut sock, mut hybrid) = (dir.vsock_socket(), dir.vsock_hybrid());
-    if confine.cwd.is_some() {
-        // Confined, it runs in the jail dir and names its sockets relative to it.
+    let reachable = || {
+        dir.root()
+            .parent()
+            .is_some_and(|p| crate::jail::check_world_searchable(p).is_ok())
+    };
+    if confine.cwd.is_some() && !reachable() {
+        // Confined, it runs in the jail dir: relative names work where the dirs
+        // above the run dir are closed to its uid (absolute ones show whose it is).
         sock = file_name(&sock);
         hybrid = file_name(&hybrid);
     }

@@ -277,20 +277,24 @@ pub fn check_world_searchable(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The owner and group of /dev/kvm when its group may read and write it: QEMU gets
-/// that group as its only supplementary group under KVM.
-pub fn kvm_group(dev: &Path) -> Result<u32> {
+/// The supplementary group an unprivileged QEMU needs for /dev/kvm: none when anyone
+/// may read and write it, else its group when that group may (and is not root's).
+pub fn kvm_group(dev: &Path) -> Result<Option<u32>> {
     let m = std::fs::metadata(dev).map_err(|e| Error::io(dev, e))?;
-    if m.permissions().mode() & 0o060 != 0o060 || m.gid() == 0 {
-        return Err(Error::InvalidConfig(format!(
-            "{} is not read-write for a non-root group (mode {:o}, gid {}); the unprivileged \
-             QEMU cannot use KVM",
-            dev.display(),
-            m.permissions().mode() & 0o777,
-            m.gid()
-        )));
+    let mode = m.permissions().mode();
+    if mode & 0o006 == 0o006 {
+        return Ok(None);
     }
-    Ok(m.gid())
+    if mode & 0o060 == 0o060 && m.gid() != 0 {
+        return Ok(Some(m.gid()));
+    }
+    Err(Error::InvalidConfig(format!(
+        "{} is not read-write for a non-root group (mode {:o}, gid {}); the unprivileged \
+         QEMU cannot use KVM",
+        dev.display(),
+        mode & 0o777,
+        m.gid()
+    )))
 }
 
 #[cfg(test)]
@@ -381,6 +385,22 @@ mod tests {
         .unwrap();
         let err = connect_unix(&sock).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    }
+
+    #[test]
+    fn kvm_group_from_device_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = tmp.path().join("kvm");
+        std::fs::write(&dev, b"").unwrap();
+        let mode = |m| std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o666);
+        assert_eq!(kvm_group(&dev).unwrap(), None);
+        mode(0o660);
+        assert!(kvm_group(&dev).is_err(), "root's group");
+        rustix::fs::chown(&dev, None, Some(gid(4_000_000_400))).unwrap();
+        assert_eq!(kvm_group(&dev).unwrap(), Some(4_000_000_400));
+        mode(0o640);
+        assert!(kvm_group(&dev).is_err(), "group cannot write");
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
         // vesseld opened the log in the root-owned run dir; QEMU only writes to it.
         Some(fd) => {
             a.push("-add-fd".into());
-            a.push(format!("fd={fd},set={CONSOLE_FDSET}").into());
+            // The opaque tag names the file (query-fdsets) and keeps the run dir in
+            // QEMU's command line, where tools look for a pod's processes.
+            let mut add = OsString::from(format!("fd={fd},set={CONSOLE_FDSET},opaque="));
+            add.push(spec.dir.console_log());
+            a.push(add);
             a.push("-chardev".into());
             a.push(format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}").into());
         }
@@ -356,7 +360,10 @@ mod tests {
         let a = strings(&qemu_args(&spec, true));
         assert_eq!(
             value_of(&a, "-add-fd"),
-            [format!("fd={},set=1", raw(&confine.console))]
+            [format!(
+                "fd={},set=1,opaque=/run/v/pod1/console.log",
+                raw(&confine.console)
+            )]
         );
         assert_eq!(
             value_of(&a, "-chardev"),

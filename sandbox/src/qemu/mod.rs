@@ -61,8 +61,9 @@ impl Hypervisor for Qemu {
                 confine.user = Some((ids.uid, ids.gid));
                 if spec.accel == crate::accel::ResolvedAccel::Kvm {
                     // QEMU 7 takes no /dev/kvm descriptor: the device's group instead.
-                    confine.groups =
-                        vec![crate::jail::kvm_group(std::path::Path::new("/dev/kvm"))?];
+                    confine.groups = crate::jail::kvm_group(std::path::Path::new("/dev/kvm"))?
+                        .into_iter()
+                        .collect();
                 }
             }
         }
