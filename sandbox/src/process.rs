@@ -61,6 +61,41 @@ pub struct Confine {
     /// Working directory, entered as root before the uid change: the process then
     /// reaches its sockets by relative paths, whatever the dirs above allow.
     pub cwd: Option<std::path::PathBuf>,
+    /// With `user`: run in a mount namespace of its own where the host's
+    /// world-writable dirs (/tmp, /var/tmp, /dev/shm, ...) are covered by an empty
+    /// read-only tmpfs, except those above these paths (run dir, guest files).
+    pub private_tmp: Option<Vec<std::path::PathBuf>>,
+}
+
+/// Host dirs anyone may write to, which an unprivileged VMM would otherwise use to
+/// fill host disk or memory outside its run dir.
+const WORLD_WRITABLE_CANDIDATES: &[&str] = &[
+    "/tmp",
+    "/var/tmp",
+    "/dev/shm",
+    "/run/lock",
+    "/dev/mqueue",
+    "/var/crash",
+];
+
+/// The world-writable dirs of [`WORLD_WRITABLE_CANDIDATES`] (real dirs, not
+/// symlinks) that are not above any of `keep`.
+pub fn world_writable_dirs(keep: &[std::path::PathBuf]) -> Vec<std::ffi::CString> {
+    use std::os::unix::fs::PermissionsExt;
+    let keep: Vec<std::path::PathBuf> = keep
+        .iter()
+        .map(|k| std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()))
+        .collect();
+    WORLD_WRITABLE_CANDIDATES
+        .iter()
+        .map(Path::new)
+        .filter(|d| {
+            std::fs::symlink_metadata(d)
+                .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o002 != 0)
+        })
+        .filter(|d| !keep.iter().any(|k| k.starts_with(d)))
+        .filter_map(|d| std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok())
+        .collect()
 }
 
 /// Starts a process in its own session (so signals to vesseld's group miss it and it
@@ -95,6 +130,14 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
         .map(|&g| rustix::process::Gid::from_raw_unchecked(g))
         .collect();
     let seccomp = confine.seccomp.clone();
+    let mask = match (&confine.private_tmp, confine.user) {
+        (Some(keep), Some(_)) => {
+            let mut keep = keep.clone();
+            keep.extend(crate::preflight::find_program(spec.program));
+            Some(world_writable_dirs(&keep))
+        }
+        _ => None,
+    };
     // An unprivileged process may not be able to reach its own binary (e.g. under
     // /root/.cargo/bin): then vesseld opens it and the child execs the descriptor
     // (whose name, not the program's, becomes the process's comm).
@@ -152,6 +195,29 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
                 // SAFETY: the caller owns `fd` and keeps it open across this spawn.
                 let fd = BorrowedFd::borrow_raw(fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            if let Some(mask) = &mask {
+                use rustix::mount::{MountFlags, MountPropagationFlags};
+                // SAFETY: a mount namespace only (no fd table is unshared).
+                rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+                // Host mount events (the run dir's unmount) still reach it; its
+                // own never reach the host.
+                rustix::mount::mount_change(
+                    c"/",
+                    MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC,
+                )?;
+                for dir in mask {
+                    rustix::mount::mount(
+                        c"none",
+                        dir.as_c_str(),
+                        c"tmpfs",
+                        MountFlags::RDONLY
+                            | MountFlags::NOSUID
+                            | MountFlags::NODEV
+                            | MountFlags::NOEXEC,
+                        Some(c"size=4k,nr_inodes=1,mode=0555"),
+                    )?;
+                }
             }
             if let Some((uid, gid)) = user {
                 // Per-thread raw syscalls (not glibc's all-threads broadcast, which is
@@ -446,7 +512,11 @@ mod tests {
         let p = spawn_confined(
             &SpawnSpec {
                 program: Path::new("sh"),
-                args: vec!["-c".into(), "pwd; exec sleep 60".into()],
+                args: vec![
+                    "-c".into(),
+                    "pwd; ls -A /var/tmp | wc -l; touch /var/tmp/x || echo ro; exec sleep 60"
+                        .into(),
+                ],
                 log: &log,
                 netns: None,
                 keep_fds: vec![],
@@ -455,6 +525,7 @@ mod tests {
                 user: Some((uid, uid + 1)),
                 seccomp: Some(crate::seccomp::vsock_helper_filter().unwrap()),
                 cwd: Some("/proc".into()),
+                private_tmp: Some(vec![]),
                 ..Confine::default()
             },
         )
@@ -482,7 +553,17 @@ mod tests {
         assert_eq!(field("CapEff:"), "0000000000000000");
         assert_eq!(field("NoNewPrivs:"), "1");
         assert_eq!(field("Seccomp:"), "2");
-        assert!(std::fs::read_to_string(&log).unwrap().starts_with("/proc"));
+        // Its /var/tmp is an empty read-only tmpfs; the host's is untouched.
+        let out = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = out.lines().filter(|l| !l.contains("touch")).collect();
+        assert_eq!(lines, ["/proc", "0", "ro"], "{out}");
+        assert!(!Path::new("/var/tmp/x").exists());
+        assert!(world_writable_dirs(&[])
+            .iter()
+            .any(|d| d.as_bytes() == b"/var/tmp"));
+        assert!(!world_writable_dirs(&["/var/tmp/a/b".into()])
+            .iter()
+            .any(|d| d.as_bytes() == b"/var/tmp"));
         p.kill().await;
     }
 

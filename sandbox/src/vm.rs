@@ -349,6 +349,7 @@ impl PodVm {
                 user: ids.map(|i| (i.uid, i.gid)),
                 seccomp: Some(crate::seccomp::vsock_helper_filter()?),
                 cwd: Some(dir.jail()),
+                private_tmp: Some(vec![dir.root().to_path_buf()]),
                 ..in_cgroup.clone()
             };
             let p = helpers::spawn_vsock_helper_confined(&cfg.binaries, &dir, &confine)?;

@@ -96,6 +96,20 @@ async fn vm_processes_are_confined_and_cleaned_up() {
         assert_eq!(st["Seccomp"], "2", "{name} Seccomp");
     }
 
+    // Both see the host's world-writable dirs (but those above the run dir, here
+    // /tmp) as empty read-only tmpfs mounts.
+    for pid in [qemu, vsock] {
+        let mi = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let var_tmp = mi
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/var/tmp"))
+            .unwrap_or_else(|| panic!("{pid}: no /var/tmp mount"));
+        assert!(
+            var_tmp.contains(" ro,") && var_tmp.contains(" - tmpfs "),
+            "{var_tmp}"
+        );
+    }
+
     // Every process of the pod (virtiofsd's sandbox child included) is in the cgroup.
     let members = cg.pids();
     eprintln!(

@@ -59,6 +59,12 @@ impl Hypervisor for Qemu {
             confine.cwd = Some(spec.dir.jail());
             if let Some(ids) = c.ids {
                 confine.user = Some((ids.uid, ids.gid));
+                let cfg = spec.config;
+                confine.private_tmp = Some(vec![
+                    spec.dir.root().to_path_buf(),
+                    cfg.kernel.clone(),
+                    cfg.initrd.clone(),
+                ]);
                 if spec.accel == crate::accel::ResolvedAccel::Kvm {
                     // QEMU 7 takes no /dev/kvm descriptor: the device's group instead.
                     confine.groups = crate::jail::kvm_group(std::path::Path::new("/dev/kvm"))?
