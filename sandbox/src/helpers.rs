@@ -145,7 +145,8 @@ pub async fn wait_for_socket(
 ) -> Result<()> {
     let start = Instant::now();
     loop {
-        if path.exists() {
+        // lstat: the socket's dir may be the VM uid's, never follow what is there.
+        if std::fs::symlink_metadata(path).is_ok() {
             return Ok(());
         }
         if proc.has_exited() {
