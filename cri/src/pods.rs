@@ -406,6 +406,12 @@ impl Engine {
         };
         vmc.accel_cache_dir = self.config.run_root.clone();
         vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        // The kubelet's pod cgroup: the VM's host processes are accounted to the pod.
+        vmc.cgroup_parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .filter(|p| !p.is_empty());
         let net_plan = pod_net.map(|n| {
             vmc.netns = Some(n.netns.path().to_path_buf());
             let plan = n.plan.clone();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::accel::Accel;
+pub use crate::jail::JailConfig;
 
 /// Everything needed to start one pod VM.
 #[derive(Debug, Clone)]
@@ -41,6 +42,12 @@ pub struct VmConfig {
     pub binaries: Binaries,
     /// Time limits.
     pub timeouts: Timeouts,
+    /// The unprivileged uid range QEMU and vhost-device-vsock run from (one uid per
+    /// VM). `None` runs them as vesseld's own user (tests and tools only).
+    pub jail: Option<JailConfig>,
+    /// The pod's cgroup parent (CRI `cgroup_parent`: a cgroupfs path or a systemd
+    /// slice); `None` → `/vessel`. The VM's processes go into `vessel-<id>` below it.
+    pub cgroup_parent: Option<String>,
 }
 
 impl VmConfig {
@@ -67,6 +74,8 @@ impl VmConfig {
             netns: None,
             binaries: Binaries::default(),
             timeouts: Timeouts::default(),
+            jail: Some(JailConfig::default()),
+            cgroup_parent: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The hypervisor abstraction: what the VM lifecycle needs from a backend.
 
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use async_trait::async_trait;
 use crate::accel::ResolvedAccel;
 use crate::config::VmConfig;
 use crate::error::Result;
+use crate::jail::JailIds;
 use crate::layout::RunDir;
 use crate::process::Proc;
 
@@ -41,6 +43,23 @@ pub struct LaunchSpec<'a> {
     pub fs_socket: &'a Path,
     /// Host TSC frequency, for the TCG kernel command line.
     pub tsc_khz: Option<u64>,
+    /// How the VM process is confined (`None`: as vesseld, console by path).
+    pub confine: Option<&'a VmmConfinement>,
+}
+
+/// What confines the VM process, prepared by the lifecycle before the spawn.
+#[derive(Debug, Default)]
+pub struct VmmConfinement {
+    /// Run as this uid/gid (else as vesseld).
+    pub ids: Option<JailIds>,
+    /// `cgroup.procs` of the pod cgroup in each hierarchy.
+    pub cgroup_procs: Vec<OwnedFd>,
+    /// The console log, opened by vesseld in the root-owned run dir.
+    pub console: Option<OwnedFd>,
+    /// `/dev/vhost-vsock`, opened by vesseld (kernel vsock).
+    pub vhost_vsock: Option<OwnedFd>,
+    /// `/dev/vhost-net`, opened by vesseld (tap with vhost).
+    pub vhost_net: Option<OwnedFd>,
 }
 
 /// A VM backend (QEMU today).

@@ -1,4 +1,5 @@
-//! File names inside a VM's run dir.
+//! File names inside a VM's run dir. The root holds what vesseld owns (state, logs,
+//! console); `j/` what the VM's unprivileged processes create (see `jail`).
 
 use std::path::{Path, PathBuf};
 
@@ -36,9 +37,13 @@ impl RunDir {
     pub fn state(&self) -> PathBuf {
         self.root.join("state.json")
     }
-    /// QMP control socket.
+    /// The jail dir: owned by the VM's uid, holds the sockets.
+    pub fn jail(&self) -> PathBuf {
+        self.root.join(crate::jail::JAIL_DIR)
+    }
+    /// QMP control socket (created by QEMU).
     pub fn qmp(&self) -> PathBuf {
-        self.root.join("qmp.sock")
+        self.jail().join("qmp.sock")
     }
     /// Guest serial console.
     pub fn console_log(&self) -> PathBuf {
@@ -50,7 +55,7 @@ impl RunDir {
     }
     /// virtiofsd's vhost-user socket.
     pub fn fs_socket(&self) -> PathBuf {
-        self.root.join("fs.sock")
+        self.jail().join("fs.sock")
     }
     /// virtiofsd's log.
     pub fn fs_log(&self) -> PathBuf {
@@ -58,11 +63,11 @@ impl RunDir {
     }
     /// vhost-device-vsock's vhost-user socket.
     pub fn vsock_socket(&self) -> PathBuf {
-        self.root.join("vsock.sock")
+        self.jail().join("vsock.sock")
     }
     /// vhost-device-vsock's hybrid-vsock socket (host side of the agent channel).
     pub fn vsock_hybrid(&self) -> PathBuf {
-        self.root.join("vsock.hybrid")
+        self.jail().join("vsock.hybrid")
     }
     /// Where vhost-device-vsock delivers the agent's readiness announcement (a guest
     /// connection to host port `READY_VSOCK_PORT`).

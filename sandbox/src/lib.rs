@@ -23,15 +23,18 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cgroup;
 pub mod config;
 mod error;
 pub mod helpers;
 pub mod hypervisor;
+pub mod jail;
 pub mod layout;
 pub mod preflight;
 pub mod process;
 pub mod qemu;
 pub mod ready;
+pub mod seccomp;
 pub mod state;
 pub mod tsc;
 pub mod vm;
@@ -39,6 +42,6 @@ pub mod vsock;
 
 pub use accel::{Accel, ResolvedAccel};
 pub use agent::{AgentClient, VsockAddr};
-pub use config::{Binaries, NetConfig, Timeouts, VmConfig};
+pub use config::{Binaries, JailConfig, NetConfig, Timeouts, VmConfig};
 pub use error::{Error, Result};
 pub use vm::{PodVm, VmExit};

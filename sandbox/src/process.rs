@@ -44,9 +44,70 @@ pub struct SpawnSpec<'a> {
     pub keep_fds: Vec<RawFd>,
 }
 
+/// How a spawned process is confined. Everything is prepared before the fork; the
+/// child only makes raw syscalls with it.
+#[derive(Debug, Default, Clone)]
+pub struct Confine {
+    /// `cgroup.procs` descriptors (held open by the caller across the spawn): the
+    /// child writes "0" to each before anything else, so all it forks is inside.
+    pub cgroup_procs: Vec<RawFd>,
+    /// Run as this uid/gid, with `groups` as the only supplementary groups, and with
+    /// no_new_privs (no setuid binary or file capability can give anything back).
+    pub user: Option<(u32, u32)>,
+    /// Supplementary groups kept with `user` (e.g. the group of /dev/kvm).
+    pub groups: Vec<u32>,
+    /// A seccomp filter installed right before exec (after the uid change).
+    pub seccomp: Option<seccompiler::BpfProgram>,
+    /// Working directory, entered as root before the uid change: the process then
+    /// reaches its sockets by relative paths, whatever the dirs above allow.
+    pub cwd: Option<std::path::PathBuf>,
+    /// With `user`: run in a mount namespace of its own where the host's
+    /// world-writable dirs (/tmp, /var/tmp, /dev/shm, ...) are covered by an empty
+    /// read-only tmpfs, except those above these paths (run dir, guest files).
+    pub private_tmp: Option<Vec<std::path::PathBuf>>,
+}
+
+/// Host dirs anyone may write to, which an unprivileged VMM would otherwise use to
+/// fill host disk or memory outside its run dir.
+const WORLD_WRITABLE_CANDIDATES: &[&str] = &[
+    "/tmp",
+    "/var/tmp",
+    "/dev/shm",
+    "/run/lock",
+    "/dev/mqueue",
+    "/var/crash",
+];
+
+/// The world-writable dirs of [`WORLD_WRITABLE_CANDIDATES`] (real dirs, not
+/// symlinks) that are not above any of `keep`.
+pub fn world_writable_dirs(keep: &[std::path::PathBuf]) -> Vec<std::ffi::CString> {
+    use std::os::unix::fs::PermissionsExt;
+    let keep: Vec<std::path::PathBuf> = keep
+        .iter()
+        .map(|k| std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()))
+        .collect();
+    WORLD_WRITABLE_CANDIDATES
+        .iter()
+        .map(Path::new)
+        .filter(|d| {
+            std::fs::symlink_metadata(d)
+                .is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o002 != 0)
+        })
+        .filter(|d| !keep.iter().any(|k| k.starts_with(d)))
+        .filter_map(|d| std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).ok())
+        .collect()
+}
+
 /// Starts a process in its own session (so signals to vesseld's group miss it and it
 /// outlives vesseld), stdin on /dev/null, output to the log file.
 pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
+    spawn_confined(spec, &Confine::default())
+}
+
+/// `spawn_detached`, confined as `confine` says. Order in the child: new session,
+/// cgroup, network namespace (both need root), inherited fds, then groups, gid, uid,
+/// no_new_privs, seccomp, exec.
+pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
     let log = File::options()
         .create(true)
         .append(true)
@@ -59,16 +120,71 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
         .map(|p| File::open(p).map_err(|e| Error::io(p, e)))
         .transpose()?;
     let keep_fds = spec.keep_fds.clone();
-    let mut cmd = Command::new(spec.program);
+    let cgroup_procs = confine.cgroup_procs.clone();
+    let user = confine
+        .user
+        .map(|(u, g)| (rustix::process::Uid::from_raw_unchecked(u), g));
+    let groups: Vec<rustix::process::Gid> = confine
+        .groups
+        .iter()
+        .map(|&g| rustix::process::Gid::from_raw_unchecked(g))
+        .collect();
+    let seccomp = confine.seccomp.clone();
+    let mask = match (&confine.private_tmp, confine.user) {
+        (Some(keep), Some(_)) => {
+            let mut keep = keep.clone();
+            keep.extend(crate::preflight::find_program(spec.program));
+            Some(world_writable_dirs(&keep))
+        }
+        _ => None,
+    };
+    // An unprivileged process may not be able to reach its own binary (e.g. under
+    // /root/.cargo/bin): then vesseld opens it and the child execs the descriptor
+    // (whose name, not the program's, becomes the process's comm).
+    let exe = match confine.user {
+        Some(_) => {
+            let not_found = || Error::Spawn {
+                program: spec.program.display().to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            };
+            let path = crate::preflight::find_program(spec.program).ok_or_else(not_found)?;
+            let reachable = path
+                .parent()
+                .is_some_and(|d| crate::jail::check_world_searchable(d).is_ok());
+            if reachable {
+                None
+            } else {
+                Some(File::open(&path).map_err(|e| Error::io(&path, e))?)
+            }
+        }
+        None => None,
+    };
+    let mut cmd = match &exe {
+        Some(f) => {
+            let mut c = Command::new(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            c.arg0(spec.program);
+            c
+        }
+        None => Command::new(spec.program),
+    };
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
+    // std changes directory in the child before running `pre_exec`, i.e. as root.
+    if let Some(cwd) = &confine.cwd {
+        cmd.current_dir(cwd);
+    }
     // SAFETY: the closure runs between fork and exec and only makes raw syscalls
-    // (setsid, setns, fcntl) on descriptors opened before the fork; it allocates nothing.
+    // (setsid, write, setns, fcntl, setgroups/setgid/setuid, prctl, seccomp) on
+    // descriptors and data prepared before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::setsid()?;
+            for &fd in &cgroup_procs {
+                // SAFETY: the caller keeps the cgroup.procs descriptors open.
+                rustix::io::write(BorrowedFd::borrow_raw(fd), b"0")?;
+            }
             if let Some(ns) = &netns {
                 rustix::thread::move_into_link_name_space(
                     ns.as_fd(),
@@ -80,6 +196,42 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
                 let fd = BorrowedFd::borrow_raw(fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             }
+            if let Some(mask) = &mask {
+                use rustix::mount::{MountFlags, MountPropagationFlags};
+                // SAFETY: a mount namespace only (no fd table is unshared).
+                rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+                // Host mount events (the run dir's unmount) still reach it; its
+                // own never reach the host.
+                rustix::mount::mount_change(
+                    c"/",
+                    MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC,
+                )?;
+                for dir in mask {
+                    rustix::mount::mount(
+                        c"none",
+                        dir.as_c_str(),
+                        c"tmpfs",
+                        MountFlags::RDONLY
+                            | MountFlags::NOSUID
+                            | MountFlags::NODEV
+                            | MountFlags::NOEXEC,
+                        Some(c"size=4k,nr_inodes=1,mode=0555"),
+                    )?;
+                }
+            }
+            if let Some((uid, gid)) = user {
+                // Per-thread raw syscalls (not glibc's all-threads broadcast, which is
+                // not async-signal-safe); the child has one thread.
+                rustix::thread::set_thread_groups(&groups)?;
+                rustix::thread::set_thread_gid(rustix::process::Gid::from_raw_unchecked(gid))?;
+                rustix::thread::set_thread_uid(uid)?;
+            }
+            if user.is_some() || seccomp.is_some() {
+                rustix::thread::set_no_new_privs(true)?;
+            }
+            if let Some(prog) = &seccomp {
+                seccompiler::apply_filter(prog).map_err(|_| std::io::Error::last_os_error())?;
+            }
             Ok(())
         });
     }
@@ -87,6 +239,7 @@ pub fn spawn_detached(spec: &SpawnSpec<'_>) -> Result<Proc> {
         program: spec.program.display().to_string(),
         source,
     })?;
+    drop(exe);
     // The std Child is dropped without waiting: the pidfd watcher reaps it.
     let pid = child.id() as i32;
     let pidfd = open_pidfd(pid).map_err(|e| Error::Sys("pidfd_open", e.into()))?;
@@ -347,6 +500,71 @@ mod tests {
         assert!(p.has_exited());
         // Reaped: no zombie left.
         assert!(start_time(p.pid()).is_none());
+    }
+
+    /// The child runs as the given ids, with no groups, no capabilities,
+    /// no_new_privs and the seccomp filter, in the given directory.
+    #[tokio::test]
+    async fn confined_spawn_drops_privileges() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("c.log");
+        let uid = 4_000_000_300;
+        let p = spawn_confined(
+            &SpawnSpec {
+                program: Path::new("sh"),
+                args: vec![
+                    "-c".into(),
+                    "pwd; ls -A /var/tmp | wc -l; touch /var/tmp/x || echo ro; exec sleep 60"
+                        .into(),
+                ],
+                log: &log,
+                netns: None,
+                keep_fds: vec![],
+            },
+            &Confine {
+                user: Some((uid, uid + 1)),
+                seccomp: Some(crate::seccomp::vsock_helper_filter().unwrap()),
+                cwd: Some("/proc".into()),
+                private_tmp: Some(vec![]),
+                ..Confine::default()
+            },
+        )
+        .unwrap();
+        let status = loop {
+            let s = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+            // Until exec, the child is still a copy of this test (Name: the test's).
+            if s.starts_with("Name:\tsleep") {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(field("Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+        let gid = uid + 1;
+        assert_eq!(field("Gid:"), format!("{gid}\t{gid}\t{gid}\t{gid}"));
+        assert_eq!(field("Groups:"), "");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        assert_eq!(field("Seccomp:"), "2");
+        // Its /var/tmp is an empty read-only tmpfs; the host's is untouched.
+        let out = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = out.lines().filter(|l| !l.contains("touch")).collect();
+        assert_eq!(lines, ["/proc", "0", "ro"], "{out}");
+        assert!(!Path::new("/var/tmp/x").exists());
+        assert!(world_writable_dirs(&[])
+            .iter()
+            .any(|d| d.as_bytes() == b"/var/tmp"));
+        assert!(!world_writable_dirs(&["/var/tmp/a/b".into()])
+            .iter()
+            .any(|d| d.as_bytes() == b"/var/tmp"));
+        p.kill().await;
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::ResolvedAccel;
 use crate::agent::VsockAddr;
+use crate::cgroup::PodCgroup;
 use crate::error::{Error, Result};
 use crate::process::ProcId;
 
@@ -36,6 +37,12 @@ pub struct VmState {
     pub agent_call_timeout_ms: u64,
     /// Graceful shutdown timeout, ms.
     pub shutdown_timeout_ms: u64,
+    /// The uid (= gid) QEMU and vhost-device-vsock run as; also the owner of `j/`.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
+    /// The pod cgroup, once created (removed with the VM).
+    #[serde(default)]
+    pub cgroup: Option<PodCgroup>,
 }
 
 impl VmState {

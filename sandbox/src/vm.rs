@@ -2,6 +2,9 @@
 //! Shutdown → QMP quit → SIGKILL → helpers), crash detection, reconnect after a
 //! vesseld restart, and cleanup that leaves nothing behind.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,12 +15,14 @@ use vessel_proto::agent as pb;
 
 use crate::accel::{self, ResolvedAccel};
 use crate::agent::{AgentClient, VsockAddr};
+use crate::cgroup::PodCgroup;
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::helpers;
-use crate::hypervisor::{self, Hypervisor, LaunchSpec, VsockDevice};
+use crate::hypervisor::{self, Hypervisor, LaunchSpec, VmmConfinement, VsockDevice};
+use crate::jail::{self, JailIds};
 use crate::layout::RunDir;
-use crate::process::{Proc, ProcId};
+use crate::process::{Confine, Proc, ProcId};
 use crate::qemu::Qemu;
 use crate::ready::ReadyListener;
 use crate::state::{VmState, STATE_VERSION};
@@ -66,12 +71,21 @@ pub struct PodVm {
     exit: watch::Receiver<Option<VmExit>>,
     supervisor: tokio::task::JoinHandle<()>,
     boot_timing: Option<BootTiming>,
+    confined: Confined,
+}
+
+/// How a VM's processes are confined (what cleanup must undo).
+#[derive(Debug, Clone, Default)]
+struct Confined {
+    jail_uid: Option<u32>,
+    cgroup: Option<PodCgroup>,
 }
 
 /// Undoes a partial start in reverse order unless disarmed.
 struct StartGuard {
     dir: PathBuf,
     procs: Vec<Proc>,
+    cgroup: Option<PodCgroup>,
     armed: bool,
 }
 
@@ -83,17 +97,65 @@ impl Drop for StartGuard {
         for p in self.procs.iter().rev() {
             p.kill_blocking();
         }
-        remove_dir(&self.dir);
+        remove_host_state(&self.dir, self.cgroup.as_ref());
     }
 }
 
-fn remove_dir(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove run dir: {e}"),
+/// Removes the pod cgroup, unmounts the run dir's tmpfs and removes the dir (which
+/// takes the jail dir with it). Blocking; what is already gone is skipped.
+fn remove_host_state(dir: &Path, cgroup: Option<&PodCgroup>) {
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.remove() {
+            tracing::warn!(cgroup = %cg.rel, "cannot remove the pod cgroup: {e}");
+        }
     }
+    jail::unmount_and_remove(dir);
 }
+
+/// Runs blocking host work off the async workers.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Sys(what, std::io::Error::other(e)))?
+}
+
+/// Creates the run dir and mounts its tmpfs (a leftover mount from a crashed start is
+/// detached first). The unprivileged processes start in its jail dir, so the dirs
+/// above need not be searchable by them.
+fn prepare_run_dir(root: &Path) -> Result<()> {
+    if jail::is_mount_point(root) {
+        jail::unmount_and_remove(root);
+    }
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    jail::mount_run_dir(root).inspect_err(|_| {
+        let _ = std::fs::remove_dir(root);
+    })
+}
+
+/// The console log, in the root-owned run dir: QEMU gets the descriptor only.
+fn open_console(path: &Path) -> Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|e| Error::io(path, e))
+}
+
+fn open_dev(path: &str) -> Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|e| Error::io(path, e))
+}
+
+const VHOST_NET_DEV: &str = "/dev/vhost-net";
 
 /// A guest CID for kernel vhost-vsock, host-wide unique in practice: derived from
 /// the pod id (CIDs 0-2 are reserved; u32::MAX is "any").
@@ -121,6 +183,9 @@ fn check_config(cfg: &VmConfig) -> Result<()> {
     for (what, p) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
         if !p.is_file() {
             return bad(format!("{what} {} is not a file", p.display()));
+        }
+        if cfg.jail.is_some() {
+            jail::check_world_readable(p).or_else(|m| bad(format!("{what}: {m}")))?;
         }
     }
     if !cfg.share_dir.is_dir() {
@@ -153,12 +218,14 @@ impl PodVm {
                 dir.root().display()
             )));
         }
-        std::fs::create_dir_all(dir.root()).map_err(|e| Error::io(dir.root(), e))?;
         let mut guard = StartGuard {
             dir: dir.root().to_path_buf(),
             procs: Vec::new(),
+            cgroup: None,
             armed: true,
         };
+        let root = dir.root().to_path_buf();
+        blocking("run dir", move || prepare_run_dir(&root)).await?;
 
         let (want, cache) = (cfg.accel, cfg.accel_cache_dir.clone());
         let accel = tokio::task::spawn_blocking(move || accel::resolve(want, &cache))
@@ -181,6 +248,7 @@ impl PodVm {
                 },
             )
         };
+        let cgroup = PodCgroup::plan(cfg.cgroup_parent.as_deref(), &cfg.id)?;
         let mut state = VmState {
             version: STATE_VERSION,
             id: cfg.id.clone(),
@@ -192,35 +260,106 @@ impl PodVm {
             vsock_helper: None,
             agent_call_timeout_ms: cfg.timeouts.agent_call.as_millis() as u64,
             shutdown_timeout_ms: cfg.timeouts.shutdown.as_millis() as u64,
+            jail_uid: None,
+            cgroup: Some(cgroup.clone()),
         };
+        // Recorded before it exists, so a crash from here on still removes it.
+        state.save(&dir.state())?;
+        guard.cgroup = Some(cgroup.clone());
+        let cg = cgroup.clone();
+        let cgroup_procs = blocking("pod cgroup", move || {
+            cg.create()?;
+            cg.open_procs()
+        })
+        .await?;
+
+        // The sockets vesseld binds for the unprivileged processes exist (and are
+        // theirs) before the jail dir is handed over: the readiness listener
+        // (vhost-device-vsock delivers the agent's announcement to it; listening
+        // before the guest runs, as the agent connects out once it serves) and
+        // virtiofsd's listener (QEMU connects to it; virtiofsd gets it as --fd).
+        let prepare = |ids: Option<JailIds>| -> Result<(UnixListener, ReadyListener)> {
+            let j = dir.jail();
+            std::fs::create_dir(&j).map_err(|e| Error::io(&j, e))?;
+            std::fs::set_permissions(&j, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(&j, e))?;
+            let fs =
+                UnixListener::bind(dir.fs_socket()).map_err(|e| Error::io(dir.fs_socket(), e))?;
+            let ready = ReadyListener::bind(&agent_addr)
+                .map_err(|e| Error::Sys("readiness listener", e))?;
+            if let Some(ids) = ids {
+                jail::chown_socket(&dir.fs_socket(), ids)?;
+                if !kernel_vsock {
+                    jail::chown_socket(&dir.vsock_ready(), ids)?;
+                }
+                jail::chown_jail_dir(&j, ids)?;
+            }
+            Ok((fs, ready))
+        };
+        let (ids, (fs_listener, ready)) = match &cfg.jail {
+            Some(range) => {
+                let (ids, out) = jail::allocate(range, dir.root(), |ids| prepare(Some(ids)))?;
+                (Some(ids), out)
+            }
+            None => (None, prepare(None)?),
+        };
+        cfg.extra_cmdline.extend(ready.kernel_args());
+        state.jail_uid = ids.map(|i| i.uid);
         state.save(&dir.state())?;
 
-        let ready = cfg.timeouts.helper_ready;
+        let vmm_confine = VmmConfinement {
+            ids,
+            cgroup_procs,
+            console: Some(open_console(&dir.console_log())?),
+            vhost_vsock: (ids.is_some() && kernel_vsock)
+                .then(|| open_dev(crate::preflight::VHOST_VSOCK_DEV))
+                .transpose()?,
+            vhost_net: (ids.is_some() && cfg.net.is_some() && Path::new(VHOST_NET_DEV).exists())
+                .then(|| open_dev(VHOST_NET_DEV))
+                .transpose()?,
+        };
+        let in_cgroup = Confine {
+            cgroup_procs: vmm_confine
+                .cgroup_procs
+                .iter()
+                .map(|f| f.as_raw_fd())
+                .collect(),
+            ..Confine::default()
+        };
+
+        let ready_limit = cfg.timeouts.helper_ready;
         // Each process is recorded (guard + state file) before anything waits on it,
         // so a cancelled or failed start never loses track of one.
-        let virtiofsd = helpers::spawn_virtiofsd(&cfg.binaries, &dir, &cfg.share_dir)?;
+        let virtiofsd = helpers::spawn_virtiofsd_on(
+            &cfg.binaries,
+            &dir,
+            &cfg.share_dir,
+            fs_listener.as_raw_fd(),
+            &in_cgroup,
+        )?;
+        drop(fs_listener);
         guard.procs.push(virtiofsd.clone());
         state.virtiofsd = Some(virtiofsd.id());
         state.save(&dir.state())?;
-        let (fs_sock, fs_log) = (dir.fs_socket(), dir.fs_log());
-        helpers::wait_for_socket(&virtiofsd, &fs_sock, "virtiofsd", &fs_log, ready).await?;
 
         let vsock_helper = if kernel_vsock {
             None
         } else {
-            let p = helpers::spawn_vsock_helper(&cfg.binaries, &dir)?;
+            let confine = Confine {
+                user: ids.map(|i| (i.uid, i.gid)),
+                seccomp: Some(crate::seccomp::vsock_helper_filter()?),
+                cwd: Some(dir.jail()),
+                private_tmp: Some(vec![dir.root().to_path_buf()]),
+                ..in_cgroup.clone()
+            };
+            let p = helpers::spawn_vsock_helper_confined(&cfg.binaries, &dir, &confine)?;
             guard.procs.push(p.clone());
             state.vsock_helper = Some(p.id());
             state.save(&dir.state())?;
             let (sock, log) = (dir.vsock_socket(), dir.vsock_log());
-            helpers::wait_for_socket(&p, &sock, "vhost-device-vsock", &log, ready).await?;
+            helpers::wait_for_socket(&p, &sock, "vhost-device-vsock", &log, ready_limit).await?;
             Some(p)
         };
-
-        // Listening before the guest runs: the agent connects out once it serves.
-        let ready =
-            ReadyListener::bind(&agent_addr).map_err(|e| Error::Sys("readiness listener", e))?;
-        cfg.extra_cmdline.extend(ready.kernel_args());
 
         let t_vmm = Instant::now();
         let spec = LaunchSpec {
@@ -230,12 +369,17 @@ impl PodVm {
             vsock,
             fs_socket: &dir.fs_socket(),
             tsc_khz: crate::tsc::host_tsc_khz(),
+            confine: Some(&vmm_confine),
         };
         let vmm = hv.spawn(&spec)?;
         guard.procs.push(vmm.clone());
         state.vmm = Some(vmm.id());
         state.save(&dir.state())?;
         hv.wait_ready(&spec, &vmm).await?;
+        drop(vmm_confine);
+        if virtiofsd.has_exited() {
+            return Err(Error::died("virtiofsd", &[&dir.fs_log()]));
+        }
 
         let agent = wait_for_agent(
             &ready,
@@ -252,7 +396,7 @@ impl PodVm {
             vmm_to_agent: t_vmm.elapsed(),
             total: t0.elapsed(),
         };
-        tracing::info!(id = %cfg.id, ?accel, ?boot_timing, "pod VM ready");
+        tracing::info!(id = %cfg.id, ?accel, ?boot_timing, uid = ?state.jail_uid, "pod VM ready");
         guard.armed = false;
         Ok(Self::assemble(
             cfg.id,
@@ -265,6 +409,10 @@ impl PodVm {
             agent,
             cfg.timeouts.shutdown,
             Some(boot_timing),
+            Confined {
+                jail_uid: state.jail_uid,
+                cgroup: Some(cgroup),
+            },
         ))
     }
 
@@ -280,6 +428,7 @@ impl PodVm {
         agent: AgentClient,
         shutdown_timeout: Duration,
         boot_timing: Option<BootTiming>,
+        confined: Confined,
     ) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
         let (tx, exit) = watch::channel(None);
@@ -320,6 +469,7 @@ impl PodVm {
             exit,
             supervisor,
             boot_timing,
+            confined,
         }
     }
 
@@ -359,6 +509,10 @@ impl PodVm {
             agent,
             Duration::from_millis(state.shutdown_timeout_ms),
             None,
+            Confined {
+                jail_uid: state.jail_uid,
+                cgroup: state.cgroup,
+            },
         ))
     }
 
@@ -368,6 +522,7 @@ impl PodVm {
     pub async fn destroy(run_dir: impl AsRef<Path>) -> Result<()> {
         let root = run_dir.as_ref();
         let dir = RunDir::new(root)?;
+        let mut cgroup = None;
         if let Ok(state) = VmState::load(&dir.state()) {
             for id in [state.vmm, state.vsock_helper, state.virtiofsd]
                 .into_iter()
@@ -377,9 +532,14 @@ impl PodVm {
                     p.kill().await;
                 }
             }
+            cgroup = state.cgroup;
         }
-        remove_dir(root);
-        Ok(())
+        let root = root.to_path_buf();
+        blocking("VM cleanup", move || {
+            remove_host_state(&root, cgroup.as_ref());
+            Ok(())
+        })
+        .await
     }
 
     /// Pod id.
@@ -409,6 +569,14 @@ impl PodVm {
             .chain(self.vsock_helper.iter())
             .map(Proc::pid)
             .collect()
+    }
+    /// The uid (= gid) QEMU and vhost-device-vsock run as (None: unconfined).
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.confined.jail_uid
+    }
+    /// The pod cgroup every host process of the VM runs in.
+    pub fn cgroup(&self) -> Option<&PodCgroup> {
+        self.confined.cgroup.as_ref()
     }
     /// The agent client.
     pub fn agent(&self) -> &AgentClient {
@@ -471,8 +639,12 @@ impl PodVm {
             h.terminate(HELPER_GRACE).await;
         }
         let _ = self.wait_exit().await;
-        remove_dir(self.dir.root());
-        Ok(())
+        let (root, cgroup) = (self.dir.root().to_path_buf(), self.confined.cgroup.clone());
+        blocking("VM cleanup", move || {
+            remove_host_state(&root, cgroup.as_ref());
+            Ok(())
+        })
+        .await
     }
 }
 

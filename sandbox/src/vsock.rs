@@ -82,7 +82,8 @@ pub async fn connect(addr: &VsockAddr) -> io::Result<CappedWrites<VsockStream>> 
 
 /// Dials the hybrid socket and sends `CONNECT <port>`; returns once the answer is read.
 async fn hybrid_handshake(path: &Path, port: u32) -> io::Result<UnixStream> {
-    let mut s = UnixStream::connect(path).await?;
+    // The helper's socket is in the jail dir: checked, never followed.
+    let mut s = crate::jail::connect_unix(path).await?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
     // Read the answer byte by byte: anything after '\n' belongs to the agent.
     let mut line = Vec::with_capacity(16);

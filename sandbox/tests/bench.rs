@@ -72,6 +72,7 @@ async fn raw_floor(ws: &Workspace, guest: &(std::path::PathBuf, std::path::PathB
         },
         fs_socket: &dir.fs_socket(),
         tsc_khz: vessel_sandbox::tsc::host_tsc_khz(),
+        confine: None,
     };
     let t = Instant::now();
     let qemu = spawn_detached(&SpawnSpec {

@@ -141,7 +141,7 @@ async fn raw_abandoned_connect_wedges_vhost_device_vsock() {
     let guest = require_guest!();
     let ws = Workspace::new();
     let vm = start_vm(&ws, "wedge", &guest).await;
-    let hybrid = ws.run_dir().join("vsock.hybrid");
+    let hybrid = ws.run_dir().join("j/vsock.hybrid");
     // Closed at different points between CONNECT and the guest's answer.
     for i in 0..60u64 {
         let mut s = tokio::net::UnixStream::connect(&hybrid).await.unwrap();

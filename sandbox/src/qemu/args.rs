@@ -6,6 +6,12 @@ use std::os::fd::AsRawFd;
 use crate::accel::ResolvedAccel;
 use crate::hypervisor::{LaunchSpec, VsockDevice};
 
+/// QEMU's own seccomp filter: no obsolete calls, no set*id, no fork/exec, no
+/// scheduler/NUMA changes (a compromised device model can do none of these).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The fd set QEMU's console log arrives in (`-add-fd`).
+const CONSOLE_FDSET: u32 = 1;
+
 /// Kernel arguments every pod VM gets.
 const BASE_CMDLINE: &str = "quiet cryptomgr.notests panic=-1 console=ttyS0";
 
@@ -40,6 +46,8 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
         "-no-reboot",
         "-display",
         "none",
+        "-sandbox",
+        SANDBOX,
     ]);
     // ACPI stays on: without VIRTIO_MMIO_CMDLINE_DEVICES in the guest kernel, ACPI is
     // how it finds the virtio-mmio devices.
@@ -65,12 +73,37 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
     a.push("-append".into());
     a.push(kernel_cmdline(spec.accel, spec.tsc_khz, &cfg.extra_cmdline).into());
 
-    a.push("-chardev".into());
-    a.push(path_arg("file,id=console,path=", &spec.dir.console_log()));
+    let confine = spec.confine;
+    let fd_of = |f: &Option<std::os::fd::OwnedFd>| f.as_ref().map(|f| f.as_raw_fd());
+    match confine.and_then(|c| fd_of(&c.console)) {
+        // vesseld opened the log in the root-owned run dir; QEMU only writes to it.
+        Some(fd) => {
+            a.push("-add-fd".into());
+            // The opaque tag names the file (query-fdsets) and keeps the run dir in
+            // QEMU's command line, where tools look for a pod's processes.
+            let mut add = OsString::from(format!("fd={fd},set={CONSOLE_FDSET},opaque="));
+            add.push(spec.dir.console_log());
+            a.push(add);
+            a.push("-chardev".into());
+            a.push(format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET}").into());
+        }
+        None => {
+            a.push("-chardev".into());
+            a.push(path_arg("file,id=console,path=", &spec.dir.console_log()));
+        }
+    }
     a.push("-serial".into());
     a.push("chardev:console".into());
+    // Confined, QEMU runs in the jail dir and names its sockets relative to it.
+    let sock = |p: &std::path::Path| -> std::path::PathBuf {
+        if confine.is_some() {
+            crate::helpers::file_name(p)
+        } else {
+            p.to_path_buf()
+        }
+    };
     a.push("-qmp".into());
-    let mut qmp = path_arg("unix:", &spec.dir.qmp());
+    let mut qmp = path_arg("unix:", &sock(&spec.dir.qmp()));
     qmp.push(",server=on,wait=off");
     a.push(qmp);
 
@@ -78,7 +111,7 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
     a.push("virtio-balloon-device,free-page-reporting=on".into());
 
     a.push("-chardev".into());
-    a.push(path_arg("socket,id=fs,path=", spec.fs_socket));
+    a.push(path_arg("socket,id=fs,path=", &sock(spec.fs_socket)));
     a.push("-device".into());
     a.push(
         format!(
@@ -90,21 +123,30 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
 
     match &spec.vsock {
         VsockDevice::Kernel { cid } => {
+            let mut dev = format!("vhost-vsock-device,guest-cid={cid}");
+            if let Some(fd) = confine.and_then(|c| fd_of(&c.vhost_vsock)) {
+                dev.push_str(&format!(",vhostfd={fd}"));
+            }
             a.push("-device".into());
-            a.push(format!("vhost-vsock-device,guest-cid={cid}").into());
+            a.push(dev.into());
         }
         VsockDevice::VhostUser { socket } => {
             a.push("-chardev".into());
-            a.push(path_arg("socket,id=vsock,path=", socket));
+            a.push(path_arg("socket,id=vsock,path=", &sock(socket)));
             a.push("-device".into());
             a.push("vhost-user-vsock-device,chardev=vsock".into());
         }
     }
 
     if let Some(net) = &cfg.net {
-        let vhost = if vhost_net { "on" } else { "off" };
+        let mut netdev = format!("tap,id=net0,fd={}", net.tap.as_raw_fd());
+        match (vhost_net, confine.and_then(|c| fd_of(&c.vhost_net))) {
+            (true, Some(fd)) => netdev.push_str(&format!(",vhost=on,vhostfd={fd}")),
+            (true, None) => netdev.push_str(",vhost=on"),
+            (false, _) => netdev.push_str(",vhost=off"),
+        }
         a.push("-netdev".into());
-        a.push(format!("tap,id=net0,fd={},vhost={vhost}", net.tap.as_raw_fd()).into());
+        a.push(netdev.into());
         a.push("-device".into());
         a.push(format!("virtio-net-device,netdev=net0,mac={}", net.mac).into());
     }
@@ -158,11 +200,17 @@ mod tests {
             },
             fs_socket: &dir.fs_socket(),
             tsc_khz: Some(2_596_156),
+            confine: None,
         };
         let a = strings(&qemu_args(&spec, false));
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
             assert!(a.contains(&flag.to_string()), "{flag} missing");
         }
+        assert_eq!(
+            value_of(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert!(value_of(&a, "-add-fd").is_empty());
         assert_eq!(value_of(&a, "-display"), ["none"]);
         assert_eq!(
             value_of(&a, "-machine"),
@@ -184,15 +232,15 @@ mod tests {
         );
         assert_eq!(
             value_of(&a, "-qmp"),
-            ["unix:/run/v/pod1/qmp.sock,server=on,wait=off"]
+            ["unix:/run/v/pod1/j/qmp.sock,server=on,wait=off"]
         );
         assert_eq!(value_of(&a, "-serial"), ["chardev:console"]);
         assert_eq!(
             value_of(&a, "-chardev"),
             [
                 "file,id=console,path=/run/v/pod1/console.log",
-                "socket,id=fs,path=/run/v/pod1/fs.sock",
-                "socket,id=vsock,path=/run/v/pod1/vsock.sock",
+                "socket,id=fs,path=/run/v/pod1/j/fs.sock",
+                "socket,id=vsock,path=/run/v/pod1/j/vsock.sock",
             ]
         );
         assert_eq!(
@@ -230,6 +278,7 @@ mod tests {
             vsock: VsockDevice::Kernel { cid: 42 },
             fs_socket: Path::new("/run/v/pod1/fs.sock"),
             tsc_khz: Some(2_596_156),
+            confine: None,
         };
         let a = strings(&qemu_args(&spec, true));
         assert_eq!(value_of(&a, "-accel"), ["kvm"]);
@@ -268,6 +317,7 @@ mod tests {
             },
             fs_socket: &dir.fs_socket(),
             tsc_khz: None,
+            confine: None,
         };
         let a = strings(&qemu_args(&spec, false));
         assert_eq!(
@@ -278,6 +328,67 @@ mod tests {
             value_of(&a, "-append"),
             ["quiet cryptomgr.notests panic=-1 console=ttyS0 foo=bar"]
         );
+    }
+
+    /// Confined: the console and vhost devices arrive as descriptors.
+    #[test]
+    fn confined_gets_descriptors() {
+        use crate::hypervisor::VmmConfinement;
+        let mut cfg = config();
+        let fd = |p: &str| -> OwnedFd { std::fs::File::open(p).unwrap().into() };
+        cfg.net = Some(NetConfig {
+            tap: Arc::new(fd("/dev/null")),
+            mac: "02:00:00:00:00:03".into(),
+        });
+        let confine = VmmConfinement {
+            console: Some(fd("/dev/null")),
+            vhost_vsock: Some(fd("/dev/null")),
+            vhost_net: Some(fd("/dev/null")),
+            ..Default::default()
+        };
+        let raw = |f: &Option<OwnedFd>| f.as_ref().unwrap().as_raw_fd();
+        let dir = RunDir::new("/run/v/pod1").unwrap();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel: ResolvedAccel::Kvm,
+            dir: &dir,
+            vsock: VsockDevice::Kernel { cid: 7 },
+            fs_socket: &dir.fs_socket(),
+            tsc_khz: None,
+            confine: Some(&confine),
+        };
+        let a = strings(&qemu_args(&spec, true));
+        assert_eq!(
+            value_of(&a, "-add-fd"),
+            [format!(
+                "fd={},set=1,opaque=/run/v/pod1/console.log",
+                raw(&confine.console)
+            )]
+        );
+        assert_eq!(
+            value_of(&a, "-chardev"),
+            [
+                "file,id=console,path=/dev/fdset/1",
+                "socket,id=fs,path=fs.sock"
+            ]
+        );
+        assert_eq!(value_of(&a, "-qmp"), ["unix:qmp.sock,server=on,wait=off"]);
+        assert!(value_of(&a, "-device").contains(
+            &format!(
+                "vhost-vsock-device,guest-cid=7,vhostfd={}",
+                raw(&confine.vhost_vsock)
+            )
+            .as_str()
+        ));
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            [format!(
+                "tap,id=net0,fd={},vhost=on,vhostfd={}",
+                cfg.net.as_ref().unwrap().tap.as_raw_fd(),
+                raw(&confine.vhost_net)
+            )]
+        );
+        assert!(!value_of(&a, "-sandbox").is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::helpers::wait_for_socket;
 use crate::hypervisor::{Hypervisor, LaunchSpec};
 use crate::layout::RunDir;
-use crate::process::{spawn_detached, Proc, SpawnSpec};
+use crate::process::{spawn_confined, Confine, Proc, SpawnSpec};
 
 /// Backend name in state files.
 pub const NAME: &str = "qemu";
@@ -41,15 +41,48 @@ impl Hypervisor for Qemu {
     }
 
     fn spawn(&self, spec: &LaunchSpec<'_>) -> Result<Proc> {
-        let vhost_net = std::path::Path::new("/dev/vhost-net").exists();
-        let keep_fds = spec.config.net.iter().map(|n| n.tap.as_raw_fd()).collect();
-        spawn_detached(&SpawnSpec {
-            program: &self.binary,
-            args: qemu_args(spec, vhost_net),
-            log: &spec.dir.qemu_log(),
-            netns: spec.config.netns.as_deref(),
-            keep_fds,
-        })
+        let ids = spec.confine.and_then(|c| c.ids);
+        // An unprivileged QEMU cannot open /dev/vhost-net itself: vhost only with
+        // the descriptor vesseld opened.
+        let vhost_net = std::path::Path::new("/dev/vhost-net").exists()
+            && (ids.is_none() || spec.confine.is_some_and(|c| c.vhost_net.is_some()));
+        let mut keep_fds: Vec<_> = spec.config.net.iter().map(|n| n.tap.as_raw_fd()).collect();
+        let mut confine = Confine::default();
+        if let Some(c) = spec.confine {
+            keep_fds.extend(
+                [&c.console, &c.vhost_vsock, &c.vhost_net]
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f.as_raw_fd()),
+            );
+            confine.cgroup_procs = c.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+            confine.cwd = Some(spec.dir.jail());
+            if let Some(ids) = c.ids {
+                confine.user = Some((ids.uid, ids.gid));
+                let cfg = spec.config;
+                confine.private_tmp = Some(vec![
+                    spec.dir.root().to_path_buf(),
+                    cfg.kernel.clone(),
+                    cfg.initrd.clone(),
+                ]);
+                if spec.accel == crate::accel::ResolvedAccel::Kvm {
+                    // QEMU 7 takes no /dev/kvm descriptor: the device's group instead.
+                    confine.groups = crate::jail::kvm_group(std::path::Path::new("/dev/kvm"))?
+                        .into_iter()
+                        .collect();
+                }
+            }
+        }
+        spawn_confined(
+            &SpawnSpec {
+                program: &self.binary,
+                args: qemu_args(spec, vhost_net),
+                log: &spec.dir.qemu_log(),
+                netns: spec.config.netns.as_deref(),
+                keep_fds,
+            },
+            &confine,
+        )
     }
 
     async fn wait_ready(&self, spec: &LaunchSpec<'_>, vmm: &Proc) -> Result<()> {

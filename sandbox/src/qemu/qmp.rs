@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::error::{Error, Result};
 
@@ -19,7 +18,8 @@ pub async fn execute(socket: &Path, command: &str, arguments: Option<Value>) -> 
 }
 
 async fn execute_inner(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value> {
-    let stream = UnixStream::connect(socket)
+    // The socket is in the jail dir: never follow what the VM's uid may have put there.
+    let stream = crate::jail::connect_unix(socket)
         .await
         .map_err(|e| Error::Qmp(format!("connect {}: {e}", socket.display())))?;
     let (r, mut w) = stream.into_split();

@@ -86,6 +86,20 @@ impl Workspace {
     }
 }
 
+impl Drop for Workspace {
+    /// A test that failed before `stop` leaves its VM's run dir tmpfs mounted:
+    /// detach every mount below the workspace so the temp dir can go.
+    fn drop(&mut self) {
+        let base = self.tmp.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if m.starts_with(&base) {
+                let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+    }
+}
+
 /// A VM handle whose processes are killed if the test ends (or panics) first.
 pub struct VmGuard {
     pub vm: PodVm,

@@ -92,6 +92,7 @@ async fn boot(
         vsock,
         fs_socket: &fs_socket,
         tsc_khz: vessel_sandbox::tsc::host_tsc_khz(),
+        confine: None,
     };
     let t_vmm = Instant::now();
     let qemu = spawn_detached(&SpawnSpec {
