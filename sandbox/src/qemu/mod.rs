@@ -48,6 +48,25 @@ impl Hypervisor for Qemu {
             && (ids.is_none() || spec.confine.is_some_and(|c| c.vhost_net.is_some()));
         let mut keep_fds: Vec<_> = spec.config.net.iter().map(|n| n.tap.as_raw_fd()).collect();
         let mut confine = Confine::default();
+        // An unprivileged QEMU may not be able to reach the guest files' directories
+        // (a checkout under a 0700 home): vesseld opens them and QEMU reads them
+        // through /proc/self/fd, which needs only the files themselves readable.
+        let mut args = qemu_args(spec, vhost_net);
+        let mut guest_files = Vec::new();
+        if spec.confine.is_some_and(|c| c.ids.is_some()) {
+            for (flag, p) in [
+                ("-kernel", &spec.config.kernel),
+                ("-initrd", &spec.config.initrd),
+            ] {
+                let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+                let by_fd = format!("/proc/self/fd/{}", f.as_raw_fd());
+                if let Some(i) = args.iter().position(|a| a == flag) {
+                    args[i + 1] = by_fd.into();
+                }
+                keep_fds.push(f.as_raw_fd());
+                guest_files.push(f);
+            }
+        }
         if let Some(c) = spec.confine {
             keep_fds.extend(
                 [&c.console, &c.vhost_vsock, &c.vhost_net]
@@ -76,7 +95,7 @@ impl Hypervisor for Qemu {
         spawn_confined(
             &SpawnSpec {
                 program: &self.binary,
-                args: qemu_args(spec, vhost_net),
+                args,
                 log: &spec.dir.qemu_log(),
                 netns: spec.config.netns.as_deref(),
                 keep_fds,
