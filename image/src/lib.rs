@@ -7,6 +7,8 @@
 
 mod content;
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod hosts;
 mod image;
 mod meta;
