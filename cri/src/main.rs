@@ -5,6 +5,7 @@ mod config;
 mod containers;
 mod crilog;
 mod hostcheck;
+mod hostdirs;
 mod images;
 mod instance;
 mod logging;

@@ -30,6 +30,11 @@ pub fn image_status(e: &ImageError) -> Status {
             Code::Unavailable,
             "check that the registry (or its mirror in certs_dir/<host>/hosts.toml) is reachable, then retry",
         ),
+        ErrorCode::DeadlineExceeded => (
+            Code::DeadlineExceeded,
+            "the registry sent too slowly; check it (or its mirror), or lower \
+             [image] min_download_rate_kib",
+        ),
         ErrorCode::FailedPrecondition => (
             Code::FailedPrecondition,
             "remove the containers that use it first (crictl ps -a lists them)",
@@ -61,6 +66,10 @@ mod tests {
         assert_eq!(
             image_status(&ImageError::Registry("down".into())).code(),
             Code::Unavailable
+        );
+        assert_eq!(
+            image_status(&ImageError::TooSlow("trickle".into())).code(),
+            Code::DeadlineExceeded
         );
     }
 }

@@ -351,8 +351,8 @@ impl ImageStore {
         let inner = &self.inner;
         let registry = {
             let certs = inner.cfg.certs_dir.clone();
-            let (r, a) = (image_ref.clone(), auth.clone());
-            tokio::task::spawn_blocking(move || Registry::new(&certs, &r, &a))
+            let (r, a, l) = (image_ref.clone(), auth.clone(), inner.cfg.download_limits);
+            tokio::task::spawn_blocking(move || Registry::new(&certs, &r, &a, &l))
                 .await
                 .map_err(|e| ImageError::Store(e.to_string()))??
         };
