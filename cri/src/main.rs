@@ -18,6 +18,7 @@ mod runtime;
 mod server;
 mod status;
 mod store;
+mod validate;
 mod views;
 mod vmsize;
 
