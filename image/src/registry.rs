@@ -145,6 +145,9 @@ struct Endpoint {
     auth: OciAuth,
     /// Credentials were given but are not sent to this host.
     withheld: bool,
+    /// The bearer token of the first manifest fetch (None: none needed), reused for
+    /// the pull's other manifests: `Client::auth` asks the token server every time.
+    token: tokio::sync::Mutex<Option<Option<String>>>,
 }
 
 /// The endpoints of one image's registry, in the order to try them.
@@ -280,6 +283,7 @@ impl Registry {
                         OciAuth::Anonymous
                     },
                     withheld: given && !allowed,
+                    token: tokio::sync::Mutex::new(None),
                     host,
                 })
             })
@@ -358,7 +362,17 @@ impl Registry {
         r: &Reference,
         object: &str,
     ) -> Result<Vec<u8>, FetchError> {
-        let token = ep.client.auth(r, &ep.auth, RegistryOperation::Pull).await?;
+        let token = {
+            let mut cached = ep.token.lock().await;
+            match &*cached {
+                Some(token) => token.clone(),
+                None => {
+                    let token = ep.client.auth(r, &ep.auth, RegistryOperation::Pull).await?;
+                    *cached = Some(token.clone());
+                    token
+                }
+            }
+        };
         let scheme = if ep.host.plain_http { "http" } else { "https" };
         let url = format!(
             "{scheme}://{}/v2/{}/manifests/{object}",
