@@ -286,9 +286,25 @@ fn setup_bridges_eth0_to_the_tap_and_teardown_leaves_nothing() {
 
     // The redirect: the test host pings the pod IP; the "guest" is this test, reading
     // the tap fd and answering ARP and the echo request through it.
-    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
     let pod_mac = pod.veth.mac.to_lowercase();
     let mac = parse_mac(&pod.veth.mac);
+    // A "guest" answering with another MAC is cut off by macspoofchk: its ARP reply
+    // and echo reply never leave the bridge port, so the ping fails.
+    let spoofed = {
+        let mut m = mac;
+        m[5] ^= 0x5a;
+        m
+    };
+    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
+    let responder = std::thread::spawn(move || answer_on_tap(tap_fd, spoofed, addr.octets()));
+    assert!(
+        !ping_from(&host, addr),
+        "a reply from a spoofed MAC reached the host"
+    );
+    let seen = responder.join().unwrap();
+    assert!(seen.arp, "the spoofing guest was asked");
+    host.exec("ip", &["neigh", "flush", "all"]);
+    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
     let responder = std::thread::spawn(move || answer_on_tap(tap_fd, mac, addr.octets()));
     let replied = ping_from(&host, addr);
     let seen = responder.join().unwrap();
