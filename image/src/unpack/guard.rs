@@ -21,6 +21,9 @@ use std::io::{self, Read};
 pub(crate) const MAX_META_RECORD: u64 = 1 << 20;
 /// Largest run of GNU sparse extension blocks accepted (1 MiB of them).
 pub(crate) const MAX_SPARSE_EXT_BLOCKS: u64 = MAX_META_RECORD / BLOCK;
+/// Largest real size of a GNU sparse file: its holes cost no layer bytes, and
+/// although they are written as holes, they are still read (as zeros) through `tar`.
+pub(crate) const MAX_SPARSE_REAL_SIZE: u64 = 64 << 30;
 
 const BLOCK: u64 = 512;
 const BLOCK_LEN: usize = 512;
@@ -206,6 +209,16 @@ impl<R: Read> HeaderGuard<R> {
             // `tar` hands global headers over as entries and the unpacker skips them,
             // but no legitimate one is this large (Go refuses it too).
             return Err(too_large("PAX global header"));
+        }
+        if kind == b'S' && gnu {
+            if let Some(real) = num_field(&b[483..495]).filter(|&r| r > MAX_SPARSE_REAL_SIZE) {
+                return Err(RecordTooLarge {
+                    what: "GNU sparse file",
+                    size: real,
+                    limit: MAX_SPARSE_REAL_SIZE,
+                    offset: self.block_pos,
+                });
+            }
         }
         if kind == b'S' && gnu && b[482] == 1 {
             return Ok(State::SparseExt {

@@ -963,3 +963,66 @@ fn sparse_maps_are_followed_and_capped() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A GNU sparse file of `real` bytes: 512 bytes of 1s at 0, 512 bytes of 2s at
+/// `second`, then a hole to the end.
+fn sparse_with_holes(second: u64, real: u64) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    h.set_path("holes").unwrap();
+    h.set_entry_type(EntryType::GNUSparse);
+    zero_ids(&mut h);
+    h.set_size(1024);
+    let gnu = h.as_gnu_mut().unwrap();
+    // Octal where it fits, else GNU base-256.
+    let oct = |dst: &mut [u8], v: u64| {
+        let s = format!("{v:0w$o}", w = dst.len() - 1);
+        if s.len() < dst.len() {
+            dst[..s.len()].copy_from_slice(s.as_bytes());
+        } else {
+            dst.fill(0);
+            let n = dst.len();
+            dst[n - 8..].copy_from_slice(&v.to_be_bytes());
+            dst[0] |= 0x80;
+        }
+    };
+    oct(&mut gnu.sparse[0].offset, 0);
+    oct(&mut gnu.sparse[0].numbytes, 512);
+    oct(&mut gnu.sparse[1].offset, second);
+    oct(&mut gnu.sparse[1].numbytes, 512);
+    oct(&mut gnu.sparse[2].offset, real);
+    oct(&mut gnu.sparse[2].numbytes, 0);
+    oct(&mut gnu.realsize, real);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&[1u8; 512]);
+    out.extend_from_slice(&[2u8; 512]);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn sparse_holes_are_not_written_and_huge_ones_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let (second, real) = (256 << 20, (256 << 20) + (4 << 20));
+    let (dir, res) = unpack(&sparse_with_holes(second, real));
+    res.unwrap();
+    let path = dir.path().join("holes");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), real);
+    // Only the two data blocks take space (filesystems round up; far below 1 MiB).
+    assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut b = [0u8; 512];
+    f.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(second)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 2));
+
+    // A petabyte of holes in a 2 KiB tar: refused before tar reads any of it.
+    let (_d, res) = unpack(&sparse_with_holes(1 << 50, 1 << 50));
+    match res {
+        Err(UnpackError::TooLarge(e)) => assert_eq!(e.what, "GNU sparse file"),
+        other => panic!("{other:?}"),
+    }
+}
