@@ -10,6 +10,7 @@ APT_PACKAGES=(
   busybox-static cpio kmod zstd lz4 xz-utils    # guest image + test images
   docker-registry openssl                       # test registry (distribution v2), its TLS certs
   containernetworking-plugins iproute2 iptables # CNI
+  nftables                                      # CNI bridge macspoofchk runs `nft`
 )
 VIRTIOFSD_VERSION=1.14.0
 VHOST_DEVICE_VSOCK_VERSION=0.3.0

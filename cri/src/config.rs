@@ -49,6 +49,10 @@ pub struct ImageConfig {
     /// containerd-style `<host>/hosts.toml` directory (mirrors, TLS, insecure).
     pub certs_dir: PathBuf,
     pub max_concurrent_downloads: usize,
+    /// A blob download averaging less than this (KiB/s) over a window fails; 0: off.
+    pub min_download_rate_kib: u64,
+    /// The window (seconds) the rate is averaged over; a manifest fetch may take two.
+    pub download_rate_window_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +117,8 @@ impl Default for ImageConfig {
         ImageConfig {
             certs_dir: "/etc/vessel/certs.d".into(),
             max_concurrent_downloads: 3,
+            min_download_rate_kib: 10,
+            download_rate_window_s: 30,
         }
     }
 }
@@ -416,6 +422,9 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     }
     if let Err(reason) = check_log_level(&c.log_level) {
         return err("log_level", &reason);
+    }
+    if c.image.download_rate_window_s == 0 {
+        return err("image.download_rate_window_s", "must be at least 1");
     }
     if c.image.max_concurrent_downloads == 0 {
         return err("image.max_concurrent_downloads", "must be at least 1");

@@ -16,7 +16,7 @@ use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
 
 use crate::oci::{self, GuestMount, SpecInput};
 use crate::pods::{now_ns, store_status, Engine, LivePod};
-use crate::status::image_status;
+use crate::status::{image_status, invalid_input_status};
 use crate::store::{new_id, ContainerRecord, ContainerState, PodState, StoreError};
 
 /// Where the guest assembles container root filesystems (guest tmpfs).
@@ -115,14 +115,8 @@ impl Engine {
         let group = read_merged_file(&layers, "etc/group").unwrap_or_default();
 
         let id = new_id();
-        let log_path = if pod_config.log_directory.is_empty() || config.log_path.is_empty() {
-            String::new()
-        } else {
-            Path::new(&pod_config.log_directory)
-                .join(&config.log_path)
-                .to_string_lossy()
-                .into_owned()
-        };
+        let log_path = crate::validate::log_path(&pod_config.log_directory, &config.log_path)
+            .map_err(|e| invalid_input_status(&e))?;
         let image_ref = image
             .repo_digests
             .first()
@@ -240,9 +234,11 @@ impl Engine {
             .and_then(|l| l.security_context.as_ref());
         let localhost_seccomp = match sc.and_then(|s| s.seccomp.as_ref()) {
             Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
-                Some(std::fs::read_to_string(&p.localhost_ref).map_err(|e| {
-                    Status::invalid_argument(format!("seccomp profile {}: {e}", p.localhost_ref))
-                })?)
+                Some(
+                    crate::validate::seccomp_profile(&p.localhost_ref)
+                        .await
+                        .map_err(|e| invalid_input_status(&e))?,
+                )
             }
             _ => None,
         };

@@ -5,6 +5,7 @@ mod config;
 mod containers;
 mod crilog;
 mod hostcheck;
+mod hostdirs;
 mod hostname;
 mod images;
 mod instance;
@@ -18,6 +19,7 @@ mod runtime;
 mod server;
 mod status;
 mod store;
+mod validate;
 mod views;
 mod vmsize;
 

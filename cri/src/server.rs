@@ -27,8 +27,7 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
     // The lock comes first: nothing below may touch the state of a live instance.
     let _lock = InstanceLock::acquire(&config.lock_file())?;
 
-    std::fs::create_dir_all(&config.root)
-        .with_context(|| format!("cannot create root dir {}", config.root.display()))?;
+    crate::hostdirs::prepare(&config)?;
     let db_path = config.state_db();
     let db = redb::Database::create(&db_path)
         .with_context(|| format!("cannot open state database {}", db_path.display()))?;
@@ -38,6 +37,10 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
         root: config.root.clone(),
         certs_dir: config.image.certs_dir.clone(),
         max_concurrent_downloads: config.image.max_concurrent_downloads,
+        download_limits: vessel_image::DownloadLimits {
+            min_rate: config.image.min_download_rate_kib.saturating_mul(1024),
+            window: std::time::Duration::from_secs(config.image.download_rate_window_s),
+        },
     };
     // open() also garbage-collects what an interrupted pull left behind.
     let image_db = db.clone();

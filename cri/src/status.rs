@@ -3,6 +3,13 @@
 use tonic::{Code, Status};
 use vessel_image::{ErrorCode, ImageError};
 
+use crate::validate::InvalidInput;
+
+/// A refused request field: the caller's mistake (or attack), InvalidArgument.
+pub fn invalid_input_status(e: &InvalidInput) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 /// Maps an image-store error to a status whose message says what to do about it.
 pub fn image_status(e: &ImageError) -> Status {
     let (code, hint) = match e.code() {
@@ -29,6 +36,11 @@ pub fn image_status(e: &ImageError) -> Status {
         ErrorCode::Unavailable => (
             Code::Unavailable,
             "check that the registry (or its mirror in certs_dir/<host>/hosts.toml) is reachable, then retry",
+        ),
+        ErrorCode::DeadlineExceeded => (
+            Code::DeadlineExceeded,
+            "the registry sent too slowly; check it (or its mirror), or lower \
+             [image] min_download_rate_kib",
         ),
         ErrorCode::FailedPrecondition => (
             Code::FailedPrecondition,
@@ -62,5 +74,15 @@ mod tests {
             image_status(&ImageError::Registry("down".into())).code(),
             Code::Unavailable
         );
+        assert_eq!(
+            image_status(&ImageError::TooSlow("trickle".into())).code(),
+            Code::DeadlineExceeded
+        );
+        let s = invalid_input_status(&InvalidInput::LogPath {
+            path: "../x".into(),
+            reason: "contains \"..\"",
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("../x"));
     }
 }

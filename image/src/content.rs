@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::registry::{stream_digest_error, BlobStream};
-use crate::ImageError;
+use crate::{DownloadLimits, ImageError};
 
 /// Checks that `digest` is `sha256:<64 lowercase hex>` and returns the hex.
 pub(crate) fn digest_hex(digest: &str) -> Result<&str, ImageError> {
@@ -42,6 +42,46 @@ pub(crate) struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
     root: PathBuf,
+    limits: DownloadLimits,
+}
+
+/// Checks a download's rate, window by window.
+struct RateCheck {
+    limits: DownloadLimits,
+    window_end: tokio::time::Instant,
+    window_bytes: u64,
+}
+
+impl RateCheck {
+    fn new(limits: DownloadLimits) -> Self {
+        RateCheck {
+            limits,
+            window_end: tokio::time::Instant::now() + limits.window,
+            window_bytes: 0,
+        }
+    }
+
+    /// When the current window closes (never when the check is off).
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        (self.limits.min_rate > 0).then_some(self.window_end)
+    }
+
+    /// Counts `n` bytes received now; at or past the window's end, checks it and
+    /// starts the next. Err(what was received in the window) when too slow.
+    fn add(&mut self, n: u64) -> Result<(), u64> {
+        self.window_bytes += n;
+        let now = tokio::time::Instant::now();
+        if self.limits.min_rate == 0 || now < self.window_end {
+            return Ok(());
+        }
+        let need = self.limits.min_rate as f64 * self.limits.window.as_secs_f64();
+        if (self.window_bytes as f64) < need {
+            return Err(self.window_bytes);
+        }
+        self.window_bytes = 0;
+        self.window_end = now + self.limits.window;
+        Ok(())
+    }
 }
 
 impl ContentStore {
@@ -62,7 +102,14 @@ impl ContentStore {
             blobs,
             ingest,
             root: root.to_path_buf(),
+            limits: DownloadLimits::default(),
         })
+    }
+
+    /// Uses `limits` for downloads.
+    pub(crate) fn with_limits(mut self, limits: DownloadLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The store's top directory.
@@ -145,7 +192,28 @@ impl ContentStore {
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         let mut received = 0u64;
-        while let Some(chunk) = stream.next().await {
+        let mut rate = RateCheck::new(self.limits);
+        let too_slow = |got: u64, received: u64| {
+            ImageError::TooSlow(format!(
+                "download of {digest}: {got} bytes in the last {}s, below the minimum of \
+                 {} bytes/s (image.min_download_rate_kib); {received} bytes received",
+                self.limits.window.as_secs_f64(),
+                self.limits.min_rate,
+            ))
+        };
+        loop {
+            let next = match rate.deadline() {
+                Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
+                    Ok(next) => next,
+                    // Nothing arrived before the window closed: check what did.
+                    Err(_) => match rate.add(0) {
+                        Ok(()) => continue,
+                        Err(got) => return Err(too_slow(got, received)),
+                    },
+                },
+                None => stream.next().await,
+            };
+            let Some(chunk) = next else { break };
             let chunk = match chunk {
                 Ok(c) => c,
                 // oci-client verifies too and reports a mismatch at the end of the
@@ -164,6 +232,8 @@ impl ContentStore {
                 }
             };
             received += chunk.len() as u64;
+            rate.add(chunk.len() as u64)
+                .map_err(|got| too_slow(got, received))?;
             if size.is_some_and(|s| received > s) {
                 return Err(ImageError::Registry(format!(
                     "blob {digest} is larger than its descriptor's {} bytes",

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     DataLoss,
     /// The registry could not be reached or failed.
     Unavailable,
+    /// The registry was too slow: a download fell below the minimum rate.
+    DeadlineExceeded,
     /// The image cannot be removed in the state it is in (still in use).
     FailedPrecondition,
     /// Anything else (local I/O, database).
@@ -63,6 +65,10 @@ pub enum ImageError {
     /// The registry failed or sent something unusable.
     #[error("registry: {0}")]
     Registry(String),
+    /// The registry sent too slowly (below the configured minimum rate or past the
+    /// manifest deadline).
+    #[error("registry too slow: {0}")]
+    TooSlow(String),
     /// The image uses something this runtime does not support (platform, media type).
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -100,6 +106,7 @@ impl ImageError {
                 ErrorCode::DataLoss
             }
             ImageError::Registry(_) => ErrorCode::Unavailable,
+            ImageError::TooSlow(_) => ErrorCode::DeadlineExceeded,
             ImageError::Unsupported(_) => ErrorCode::InvalidArgument,
             ImageError::Io { .. } | ImageError::Store(_) => ErrorCode::Internal,
             ImageError::InUse { .. } => ErrorCode::FailedPrecondition,

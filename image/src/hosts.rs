@@ -3,6 +3,10 @@
 //! `<certs_dir>/<registry>/hosts.toml` (else `<certs_dir>/_default/hosts.toml`) lists
 //! mirrors as `[host."<url>"]` tables, tried in file order, and the upstream as
 //! `server = "<url>"`, tried last. A `http://` URL means plain HTTP.
+//!
+//! Pull credentials go to the `server` (the registry they were given for) when it is
+//! reached over HTTPS, and to no other host unless its table says
+//! `send_credentials = true` (which also allows them over plain HTTP).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +29,10 @@ pub struct RegistryHost {
     pub skip_verify: bool,
     /// Extra CA certificates (PEM files) to trust.
     pub ca: Vec<PathBuf>,
+    /// Receives the pull's credentials (see [`RegistryHost::gets_credentials`]).
+    pub send_credentials: bool,
+    /// The registry itself (the `server`), not a mirror.
+    pub upstream: bool,
 }
 
 impl RegistryHost {
@@ -42,7 +50,16 @@ impl RegistryHost {
             resolve: true,
             skip_verify: false,
             ca: Vec::new(),
+            send_credentials: false,
+            upstream: true,
         }
+    }
+
+    /// Whether the pull's credentials may be sent to this host: explicitly allowed
+    /// (`send_credentials = true`), or the registry itself over HTTPS. A mirror is a
+    /// different party, and plain HTTP shows them to the network.
+    pub fn gets_credentials(&self) -> bool {
+        self.send_credentials || (self.upstream && !self.plain_http)
     }
 }
 
@@ -53,6 +70,7 @@ struct HostFields {
     skip_verify: Option<bool>,
     ca: Option<OneOrMany>,
     override_path: Option<bool>,
+    send_credentials: Option<bool>,
     // Accepted for compatibility, not supported.
     #[serde(rename = "client")]
     _client: Option<toml::Value>,
@@ -77,6 +95,7 @@ struct HostFieldsLoose {
     capabilities: Option<Vec<String>>,
     skip_verify: Option<bool>,
     ca: Option<OneOrMany>,
+    send_credentials: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +184,8 @@ pub fn parse_hosts_toml(
             resolve,
             skip_verify: fields.skip_verify.unwrap_or(false),
             ca: fields.ca.map(|c| c.paths(base)).unwrap_or_default(),
+            send_credentials: fields.send_credentials.unwrap_or(false),
+            upstream: false,
         });
     }
     let mut upstream = RegistryHost::upstream(registry);
@@ -178,6 +199,7 @@ pub fn parse_hosts_toml(
     upstream.resolve = resolve;
     upstream.skip_verify = parsed.fields.skip_verify.unwrap_or(false);
     upstream.ca = parsed.fields.ca.map(|c| c.paths(base)).unwrap_or_default();
+    upstream.send_credentials = parsed.fields.send_credentials.unwrap_or(false);
     hosts.push(upstream);
     Ok(hosts)
 }
@@ -252,6 +274,8 @@ server = "https://registry-1.docker.io"
                 resolve: true,
                 skip_verify: false,
                 ca: vec![],
+                send_credentials: false,
+                upstream: false,
             }
         );
         assert!(!hosts[1].plain_http);
@@ -289,6 +313,52 @@ server = "https://registry-1.docker.io"
         assert!(hosts[0].plain_http && hosts[0].skip_verify && hosts[0].pull);
         assert!(!hosts[0].resolve);
         assert_eq!(hosts[0].host, "reg.local:5000");
+    }
+
+    #[test]
+    fn credentials_go_to_the_https_server_and_opted_in_hosts() {
+        let hosts = parse(
+            r#"
+server = "https://reg.example"
+
+[host."https://mirror.example"]
+
+[host."http://plain-mirror.example"]
+
+[host."https://trusted-mirror.example"]
+  send_credentials = true
+
+[host."http://trusted-plain.example"]
+  send_credentials = true
+"#,
+            "reg.example",
+        )
+        .unwrap();
+        let gets: Vec<(&str, bool)> = hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.gets_credentials()))
+            .collect();
+        assert_eq!(
+            gets,
+            vec![
+                ("mirror.example", false),
+                ("plain-mirror.example", false),
+                ("trusted-mirror.example", true),
+                ("trusted-plain.example", true),
+                ("reg.example", true),
+            ]
+        );
+        // The registry itself over plain HTTP only when allowed.
+        let plain = parse("server = \"http://reg.local:5000\"\n", "reg.local:5000").unwrap();
+        assert!(!plain[0].gets_credentials());
+        let plain = parse(
+            "server = \"http://reg.local:5000\"\nsend_credentials = true\n",
+            "reg.local:5000",
+        )
+        .unwrap();
+        assert!(plain[0].gets_credentials());
+        // No hosts.toml: the registry over HTTPS.
+        assert!(RegistryHost::upstream("quay.io").gets_credentials());
     }
 
     #[test]

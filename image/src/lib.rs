@@ -7,6 +7,8 @@
 
 mod content;
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod hosts;
 mod image;
 mod meta;
@@ -20,4 +22,4 @@ pub mod unpack;
 pub use error::{ErrorCode, ImageError};
 pub use image::{Image, RegistryAuth};
 pub use reference::{normalize_reference, ImageRef};
-pub use store::{FsUsage, ImageStore, ImageStoreConfig, PullStats};
+pub use store::{DownloadLimits, FsUsage, ImageStore, ImageStoreConfig, PullStats};

@@ -88,6 +88,21 @@ fn parse_manifest(body: &[u8], what: &str) -> Result<ManifestDoc, ImageError> {
     Ok(doc)
 }
 
+/// What `pull` does with manifest/index and config bytes, for the fuzz tests.
+#[cfg(test)]
+pub(crate) fn fuzz_parse(body: &[u8]) -> Result<(), ImageError> {
+    if let Ok(doc) = parse_manifest(body, "fuzz") {
+        let _ = is_index(&doc);
+        for d in doc.layers.iter().chain(doc.config.iter()) {
+            let _ = digest_hex(&d.digest);
+        }
+    }
+    let config: ConfigDoc = serde_json::from_slice(body)
+        .map_err(|e| ImageError::Registry(format!("bad image config: {e}")))?;
+    let _ = chain_ids(&config.rootfs.diff_ids);
+    Ok(())
+}
+
 /// Chain ids from diff ids: `chain[0] = diff[0]`,
 /// `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
 pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -136,6 +151,10 @@ fn map_unpack(digest: &str, e: UnpackError) -> ImageError {
         UnpackError::Io { path, source } => ImageError::Io {
             context: format!("unpacking {path:?} of layer {digest}"),
             source: Arc::new(source),
+        },
+        UnpackError::TooLarge(e) => ImageError::UnsafeLayer {
+            digest: digest.to_owned(),
+            reason: e.to_string(),
         },
         UnpackError::Tar(e) => ImageError::UnsafeLayer {
             digest: digest.to_owned(),
@@ -332,8 +351,8 @@ impl ImageStore {
         let inner = &self.inner;
         let registry = {
             let certs = inner.cfg.certs_dir.clone();
-            let (r, a) = (image_ref.clone(), auth.clone());
-            tokio::task::spawn_blocking(move || Registry::new(&certs, &r, &a))
+            let (r, a, l) = (image_ref.clone(), auth.clone(), inner.cfg.download_limits);
+            tokio::task::spawn_blocking(move || Registry::new(&certs, &r, &a, &l))
                 .await
                 .map_err(|e| ImageError::Store(e.to_string()))??
         };

@@ -34,6 +34,12 @@ impl ImageRef {
         let r = Reference::try_from(s).map_err(|e| invalid(e.to_string()))?;
         // Docker refuses repository names that look like image ids: they would be
         // confused with ids everywhere a name or an id is accepted.
+        // oci_spec takes an uppercase first component ("Library/x") as part of the
+        // repository under docker.io, which the grammar forbids (and which then does
+        // not parse again once printed): refuse it, as Docker does.
+        if r.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid("repository names must be lowercase".into()));
+        }
         let last = r.repository().rsplit('/').next().unwrap_or_default();
         if last.len() == 64 && last.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid(
@@ -101,6 +107,17 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// Found by the fuzz test: accepted, then printed as a reference that is not.
+    #[test]
+    fn uppercase_repositories_are_refused() {
+        for s in ["libRary/busybox:1.36", "Library/busybox", "library/buSybox"] {
+            assert!(ImageRef::parse(s).is_err(), "{s}");
+        }
+        // An uppercase registry host is a host, not a repository.
+        let r = ImageRef::parse("Registry.Example:5000/app").unwrap();
+        assert_eq!(r.repository, "app");
+    }
 
     #[test]
     fn short_names_expand_like_docker() {

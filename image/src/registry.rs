@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciEnvelope;
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::manifest::{
@@ -12,11 +13,11 @@ use oci_client::manifest::{
     OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth as OciAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 
 use crate::hosts::{load_hosts, RegistryHost};
 use crate::reference::ImageRef;
-use crate::{ImageError, RegistryAuth};
+use crate::{DownloadLimits, ImageError, RegistryAuth};
 
 /// Manifest media types this runtime can use.
 const MANIFEST_TYPES: &[&str] = &[
@@ -134,29 +135,87 @@ pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// One endpoint with its own HTTP client (TLS settings differ per host).
+/// One endpoint with its own HTTP client (TLS settings differ per host) and the
+/// credentials it may see.
 struct Endpoint {
     host: RegistryHost,
     client: Client,
+    /// The same TLS settings, for manifest fetches (streamed with a size cap).
+    http: reqwest::Client,
+    auth: OciAuth,
+    /// Credentials were given but are not sent to this host.
+    withheld: bool,
+    /// The bearer token of the first manifest fetch (None: none needed), reused for
+    /// the pull's other manifests: `Client::auth` asks the token server every time.
+    token: tokio::sync::Mutex<Option<Option<String>>>,
 }
 
 /// The endpoints of one image's registry, in the order to try them.
 pub(crate) struct Registry {
     endpoints: Vec<Endpoint>,
     image: ImageRef,
-    auth: OciAuth,
+    /// Longest a manifest fetch from one host may take.
+    manifest_deadline: Option<Duration>,
 }
 
-fn build_client(host: &RegistryHost) -> Result<Client, ImageError> {
-    let mut extra = Vec::new();
-    for path in &host.ca {
-        let data =
-            std::fs::read(path).map_err(ImageError::io(format!("read CA {}", path.display())))?;
-        extra.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data,
-        });
+impl Endpoint {
+    /// Adds why an authentication failure may have happened: the credentials were
+    /// not sent here.
+    fn explain(&self, e: ImageError) -> ImageError {
+        match e {
+            ImageError::Unauthenticated(msg) if self.withheld => {
+                ImageError::Unauthenticated(format!(
+                    "{msg} (the pull's credentials are not sent to {}{}; set \
+                     send_credentials = true for it in hosts.toml to allow that)",
+                    self.host.host,
+                    if self.host.plain_http {
+                        " over plain HTTP"
+                    } else {
+                        ", a mirror"
+                    }
+                ))
+            }
+            e => e,
+        }
     }
+}
+
+fn read_cas(host: &RegistryHost) -> Result<Vec<Vec<u8>>, ImageError> {
+    host.ca
+        .iter()
+        .map(|path| {
+            std::fs::read(path).map_err(ImageError::io(format!("read CA {}", path.display())))
+        })
+        .collect()
+}
+
+/// A plain HTTP client with `host`'s TLS settings (as `build_client` gives oci-client).
+fn build_http(host: &RegistryHost, cas: &[Vec<u8>]) -> Result<reqwest::Client, ImageError> {
+    let bad = |e: reqwest::Error| {
+        ImageError::Registry(format!("client for {}: {}", host.host, with_causes(&e)))
+    };
+    let certs = cas
+        .iter()
+        .map(|pem| reqwest::Certificate::from_pem(pem))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(host.skip_verify)
+        .tls_certs_merge(certs)
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(120))
+        .build()
+        .map_err(bad)
+}
+
+fn build_client(host: &RegistryHost, cas: &[Vec<u8>]) -> Result<Client, ImageError> {
+    let extra = cas
+        .iter()
+        .map(|data| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: data.clone(),
+        })
+        .collect();
     let config = ClientConfig {
         protocol: if host.plain_http {
             ClientProtocol::Http
@@ -197,18 +256,34 @@ fn keep_error(best: Option<ImageError>, new: ImageError) -> ImageError {
 }
 
 impl Registry {
-    /// Endpoints for `image` from `certs_dir`, with `auth` for all of them.
+    /// Endpoints for `image` from `certs_dir`; `auth` goes only to those that may
+    /// receive it ([`RegistryHost::gets_credentials`]).
     pub(crate) fn new(
         certs_dir: &std::path::Path,
         image: &ImageRef,
         auth: &RegistryAuth,
+        limits: &DownloadLimits,
     ) -> Result<Self, ImageError> {
         let auth = auth.to_oci()?;
         let endpoints = load_hosts(certs_dir, &image.registry)?
             .into_iter()
             .map(|host| {
+                let given = !matches!(auth, OciAuth::Anonymous);
+                let allowed = host.gets_credentials();
+                if given && !allowed {
+                    tracing::debug!(host = %host.host, "pull credentials withheld from host");
+                }
+                let cas = read_cas(&host)?;
                 Ok(Endpoint {
-                    client: build_client(&host)?,
+                    client: build_client(&host, &cas)?,
+                    http: build_http(&host, &cas)?,
+                    auth: if allowed {
+                        auth.clone()
+                    } else {
+                        OciAuth::Anonymous
+                    },
+                    withheld: given && !allowed,
+                    token: tokio::sync::Mutex::new(None),
                     host,
                 })
             })
@@ -216,7 +291,7 @@ impl Registry {
         Ok(Registry {
             endpoints,
             image: image.clone(),
-            auth,
+            manifest_deadline: (limits.min_rate > 0).then(|| limits.window * 2),
         })
     }
 
@@ -245,20 +320,26 @@ impl Registry {
                 object,
                 ep.host.host
             );
-            match ep
-                .client
-                .pull_manifest_raw(&r, &self.auth, MANIFEST_TYPES)
-                .await
-            {
-                Ok((body, _)) if body.len() > MAX_MANIFEST_BYTES => {
-                    best = Some(keep_error(
-                        best,
-                        ImageError::Registry(format!("{what}: manifest too large")),
-                    ));
-                }
-                Ok((body, _)) => return Ok(body.to_vec()),
+            let fetch = self.get_manifest(ep, &r, object);
+            let res = match self.manifest_deadline {
+                Some(d) => match tokio::time::timeout(d, fetch).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        let e = ImageError::TooSlow(format!(
+                            "{what}: no complete answer within {}s",
+                            d.as_secs_f64()
+                        ));
+                        tracing::debug!(error = %e, "manifest fetch too slow, trying next host");
+                        best = Some(keep_error(best, e));
+                        continue;
+                    }
+                },
+                None => fetch.await,
+            };
+            match res {
+                Ok(body) => return Ok(body),
                 Err(e) => {
-                    let e = map_oci_error(e, &what);
+                    let e = ep.explain(e.into_image_error(&what));
                     tracing::debug!(error = %e, "manifest fetch failed, trying next host");
                     if is_final(&e) {
                         return Err(e);
@@ -269,6 +350,83 @@ impl Registry {
         }
         Err(best.unwrap_or_else(|| {
             ImageError::Registry(format!("no host can resolve {}", self.image.name()))
+        }))
+    }
+
+    /// GETs one manifest from `ep`, refusing it as soon as it is known to be over
+    /// [`MAX_MANIFEST_BYTES`] (declared length or bytes received): `oci-client` would
+    /// buffer the whole body first. Its token handshake is reused.
+    async fn get_manifest(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        object: &str,
+    ) -> Result<Vec<u8>, FetchError> {
+        let token = {
+            let mut cached = ep.token.lock().await;
+            match &*cached {
+                Some(token) => token.clone(),
+                None => {
+                    let token = ep.client.auth(r, &ep.auth, RegistryOperation::Pull).await?;
+                    *cached = Some(token.clone());
+                    token
+                }
+            }
+        };
+        let scheme = if ep.host.plain_http { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{object}",
+            ep.host.host, self.image.repository
+        );
+        let mut req = ep
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "));
+        req = match (token.as_ref(), &ep.auth) {
+            (Some(token), _) | (None, OciAuth::Bearer(token)) => req.bearer_auth(token),
+            (None, OciAuth::Basic(user, pass)) => req.basic_auth(user, Some(pass)),
+            (None, OciAuth::Anonymous) => req,
+        };
+        let mut resp = req.send().await.map_err(FetchError::Http)?;
+        let status = resp.status();
+        let limit = if status.is_success() {
+            MAX_MANIFEST_BYTES
+        } else {
+            64 << 10 // an error body: enough for the OCI error envelope
+        };
+        if resp.content_length().is_some_and(|n| n > limit as u64) && status.is_success() {
+            return Err(FetchError::TooLarge(resp.content_length().unwrap_or(0)));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(FetchError::Http)? {
+            if body.len() + chunk.len() > limit {
+                if status.is_success() {
+                    return Err(FetchError::TooLarge((body.len() + chunk.len()) as u64));
+                }
+                body.extend_from_slice(&chunk[..limit - body.len()]);
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status == reqwest::StatusCode::OK {
+            return Ok(body);
+        }
+        let url = url.clone();
+        Err(FetchError::Oci(match status {
+            reqwest::StatusCode::UNAUTHORIZED => OciDistributionError::UnauthorizedError { url },
+            s if s.is_client_error() => match serde_json::from_slice::<OciEnvelope>(&body) {
+                Ok(envelope) => OciDistributionError::RegistryError { envelope, url },
+                Err(_) => OciDistributionError::ServerError {
+                    code: s.as_u16(),
+                    url,
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+            },
+            s => OciDistributionError::ServerError {
+                code: s.as_u16(),
+                url,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            },
         }))
     }
 
@@ -292,12 +450,12 @@ impl Registry {
             // Token handshakes happen on manifest fetches; a mirror only used for
             // blobs still needs the credentials registered.
             ep.client
-                .store_auth_if_needed(r.resolve_registry(), &self.auth)
+                .store_auth_if_needed(r.resolve_registry(), &ep.auth)
                 .await;
             match ep.client.pull_blob_stream(&r, &desc).await {
                 Ok(s) => return Ok(s.stream),
                 Err(e) => {
-                    let e = map_oci_error(e, &what);
+                    let e = ep.explain(map_oci_error(e, &what));
                     tracing::debug!(error = %e, "blob fetch failed, trying next host");
                     best = Some(keep_error(best, e));
                 }
@@ -306,6 +464,32 @@ impl Registry {
         Err(best.unwrap_or_else(|| {
             ImageError::Registry(format!("no host can serve blobs of {}", self.image.name()))
         }))
+    }
+}
+
+/// Why one manifest fetch failed.
+enum FetchError {
+    Oci(OciDistributionError),
+    Http(reqwest::Error),
+    /// Bytes declared or received so far.
+    TooLarge(u64),
+}
+
+impl From<OciDistributionError> for FetchError {
+    fn from(e: OciDistributionError) -> Self {
+        FetchError::Oci(e)
+    }
+}
+
+impl FetchError {
+    fn into_image_error(self, what: &str) -> ImageError {
+        match self {
+            FetchError::Oci(e) => map_oci_error(e, what),
+            FetchError::Http(e) => ImageError::Registry(format!("{what}: {}", with_causes(&e))),
+            FetchError::TooLarge(n) => ImageError::Registry(format!(
+                "{what}: manifest too large ({n} bytes or more, limit {MAX_MANIFEST_BYTES})"
+            )),
+        }
     }
 }
 

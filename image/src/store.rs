@@ -22,6 +22,29 @@ pub struct ImageStoreConfig {
     pub certs_dir: PathBuf,
     /// Most layer blobs downloaded at once (over all pulls).
     pub max_concurrent_downloads: usize,
+    /// How slow a registry may be before a download is given up.
+    pub download_limits: DownloadLimits,
+}
+
+/// A download slower than `min_rate` bytes/s over any `window` (counted in
+/// consecutive windows from its start) fails, and so does a manifest fetch that takes
+/// longer than two windows: one slow registry must not hold the node's download
+/// permits, or a pull, forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadLimits {
+    /// Least average bytes per second over a window; 0 disables the check.
+    pub min_rate: u64,
+    /// Window the rate is averaged over.
+    pub window: std::time::Duration,
+}
+
+impl Default for DownloadLimits {
+    fn default() -> Self {
+        DownloadLimits {
+            min_rate: 10 * 1024,
+            window: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// Disk used by images.
@@ -182,6 +205,17 @@ fn find(records: &[Record], name: &str) -> Option<(usize, Match)> {
     None
 }
 
+/// Creates `dir` (and its parents) and makes it mode 0700, also when it existed.
+fn private_dir(dir: &std::path::Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(ImageError::io(format!("create {}", dir.display())))
+}
+
 /// The image store. Cheap to clone.
 #[derive(Clone)]
 pub struct ImageStore {
@@ -191,9 +225,17 @@ pub struct ImageStore {
 impl ImageStore {
     /// Opens the store, cleans leftovers of interrupted pulls and collects garbage.
     pub fn open(cfg: ImageStoreConfig, db: Arc<redb::Database>) -> Result<Self, ImageError> {
-        std::fs::create_dir_all(&cfg.root)
-            .map_err(ImageError::io(format!("create {}", cfg.root.display())))?;
-        let content = ContentStore::open(&cfg.root.join("content"))?;
+        // Private: snapshots hold layers' setuid binaries and device nodes, which no
+        // other host user may reach.
+        for dir in [
+            cfg.root.clone(),
+            cfg.root.join("content"),
+            cfg.root.join("snapshots"),
+        ] {
+            private_dir(&dir)?;
+        }
+        let content =
+            ContentStore::open(&cfg.root.join("content"))?.with_limits(cfg.download_limits);
         let snapshots = Snapshotter::open(&cfg.root.join("snapshots"))?;
         let meta = Meta::open(db)?;
         let store = ImageStore {

@@ -6,6 +6,7 @@
 //! earlier entry created. OCI whiteouts become overlayfs whiteouts.
 
 mod entry;
+mod guard;
 mod path;
 mod safefs;
 #[cfg(test)]
@@ -14,6 +15,7 @@ mod tests;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
+pub use guard::RecordTooLarge;
 pub use path::WHITEOUT_PREFIX;
 
 /// Compression of a layer blob.
@@ -79,6 +81,10 @@ pub enum UnpackError {
     /// The stream is not a valid (compressed) tar.
     #[error("reading layer tar: {0}")]
     Tar(#[source] std::io::Error),
+    /// A record the tar reader would hold in memory (GNU long name or link, PAX
+    /// header, sparse map) declares more than the cap; nothing of it was allocated.
+    #[error("layer tar refused: {0}")]
+    TooLarge(#[source] RecordTooLarge),
     /// The layer media type is not one this unpacker knows.
     #[error("unsupported layer media type {0:?}")]
     UnsupportedMediaType(String),
@@ -107,15 +113,24 @@ pub fn unpack_layer<R: Read>(
     }
 }
 
-fn unpack_tar<R: Read>(mut reader: R, dest: &Path) -> Result<UnpackStats, UnpackError> {
+fn unpack_tar<R: Read>(reader: R, dest: &Path) -> Result<UnpackStats, UnpackError> {
     let mut unpacker = entry::Unpacker::new(dest)?;
-    {
+    // Every byte reaches `tar` through the guard, which refuses oversized records
+    // before `tar` reads (and allocates for) them.
+    let mut reader = guard::HeaderGuard::new(reader);
+    let res = (|| {
         let mut archive = tar::Archive::new(&mut reader);
         for item in archive.entries().map_err(UnpackError::Tar)? {
             let mut item = item.map_err(UnpackError::Tar)?;
             unpacker.apply(&mut item)?;
         }
+        Ok(())
+    })();
+    // `tar` may wrap or replace the guard's error; report the cause itself.
+    if let Some(v) = reader.violation() {
+        return Err(UnpackError::TooLarge(v.clone()));
     }
+    res?;
     unpacker.finish()?;
     // Drain padding after the end-of-archive blocks (see the doc comment above).
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(UnpackError::Tar)?;

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vessel_image::{ErrorCode, Image, ImageError, ImageStore, ImageStoreConfig, RegistryAuth};
+use vessel_image::{
+    DownloadLimits, ErrorCode, Image, ImageError, ImageStore, ImageStoreConfig, RegistryAuth,
+};
 use vessel_tests::registry::TestRegistry;
 use vessel_tests::testimages;
 
@@ -45,6 +47,14 @@ impl Env {
         self.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
     }
 
+    /// Plain HTTP to `reg` under its own name, credentials allowed over it.
+    fn plain_http_with_credentials(&self, reg: &TestRegistry) {
+        self.hosts(
+            &reg.addr(),
+            &format!("server = \"{}\"\nsend_credentials = true\n", reg.url()),
+        );
+    }
+
     /// A second store on the same root and database (as after a restart).
     fn reopen(&self) -> ImageStore {
         open(self.dir.path(), self.db.clone())
@@ -75,6 +85,7 @@ fn open(dir: &Path, db: Arc<redb::Database>) -> ImageStore {
             root: dir.join("root"),
             certs_dir: dir.join("certs.d"),
             max_concurrent_downloads: 3,
+            download_limits: DownloadLimits::default(),
         },
         db,
     )
@@ -319,6 +330,16 @@ async fn htpasswd_registry_needs_credentials() {
         .unwrap();
     let env = Env::new();
     env.plain_http(&reg);
+    let good = RegistryAuth {
+        username: Some("alice".into()),
+        password: Some("s3cret".into()),
+        ..Default::default()
+    };
+    // Credentials do not cross plain HTTP unless hosts.toml says so; the error says.
+    let err = env.store.pull(&pushed.reference, &good).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err:?}");
+    assert!(err.to_string().contains("send_credentials = true"), "{err}");
+    env.plain_http_with_credentials(&reg);
 
     let err = env
         .store
@@ -335,17 +356,12 @@ async fn htpasswd_registry_needs_credentials() {
     assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err:?}");
     assert!(env.store.list().unwrap().is_empty());
 
-    let good = RegistryAuth {
-        username: Some("alice".into()),
-        password: Some("s3cret".into()),
-        ..Default::default()
-    };
     let img = env.store.pull(&pushed.reference, &good).await.unwrap();
     assert_eq!(img.id, pushed.config_digest);
 
     // The same credentials as a base64 `auth` string, into a fresh store.
     let env2 = Env::new();
-    env2.plain_http(&reg);
+    env2.plain_http_with_credentials(&reg);
     let b64 = RegistryAuth {
         auth: Some("YWxpY2U6czNjcmV0".into()), // alice:s3cret
         ..Default::default()

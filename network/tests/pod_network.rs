@@ -143,7 +143,7 @@ impl Env {
             "name": "vessel-test",
             "plugins": [
                 {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
-                 "hairpinMode": true,
+                 "hairpinMode": true, "macspoofchk": true,
                  "ipam": {"type": "host-local", "dataDir": ipam,
                           "ranges": [[{"subnet": "10.88.0.0/16"}]],
                           "routes": [{"dst": "0.0.0.0/0"}]}},
@@ -280,11 +280,35 @@ fn setup_bridges_eth0_to_the_tap_and_teardown_leaves_nothing() {
         "per-pod chains expected: {chains:?}"
     );
     assert!(host.exec("iptables-save", &[]).contains("18080"));
+    // macspoofchk (as in docs/examples/10-vessel.conflist): the bridge plugin's
+    // nftables chain for the pod's port drops frames not from the pod's MAC.
+    let nft = host.exec("nft", &["list", "ruleset"]);
+    assert!(
+        nft.contains("cni-br-iface") && nft.contains(&pod.veth.mac.to_lowercase()),
+        "{nft}"
+    );
 
     // The redirect: the test host pings the pod IP; the "guest" is this test, reading
     // the tap fd and answering ARP and the echo request through it.
-    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
+    let pod_mac = pod.veth.mac.to_lowercase();
     let mac = parse_mac(&pod.veth.mac);
+    // A "guest" answering with another MAC is cut off by macspoofchk: its ARP reply
+    // and echo reply never leave the bridge port, so the ping fails.
+    let spoofed = {
+        let mut m = mac;
+        m[5] ^= 0x5a;
+        m
+    };
+    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
+    let responder = std::thread::spawn(move || answer_on_tap(tap_fd, spoofed, addr.octets()));
+    assert!(
+        !ping_from(&host, addr),
+        "a reply from a spoofed MAC reached the host"
+    );
+    let seen = responder.join().unwrap();
+    assert!(seen.arp, "the spoofing guest was asked");
+    host.exec("ip", &["neigh", "flush", "all"]);
+    let tap_fd = pod.tap.fd().try_clone_to_owned().unwrap();
     let responder = std::thread::spawn(move || answer_on_tap(tap_fd, mac, addr.octets()));
     let replied = ping_from(&host, addr);
     let seen = responder.join().unwrap();
@@ -313,6 +337,8 @@ fn setup_bridges_eth0_to_the_tap_and_teardown_leaves_nothing() {
     assert!(env.cache_entries().is_empty());
     assert!(env.leases().is_empty());
     assert_no_pod_leftovers(&host, id);
+    let nft = host.exec("nft", &["list", "ruleset"]);
+    assert!(!nft.contains(&pod_mac), "{nft}");
     // Idempotent.
     host.run(async || env.manager.teardown(id).await.unwrap());
 }

@@ -183,7 +183,8 @@ impl Unpacker {
                 )
                 .map_err(|e| ctx.io(e))?;
                 let mut file = File::from(fd);
-                self.stats.bytes += copy_data(entry, &mut file).map_err(|e| ctx.io(e))?;
+                let sparse = kind == EntryType::GNUSparse;
+                self.stats.bytes += copy_data(entry, &mut file, sparse).map_err(|e| ctx.io(e))?;
                 self.set_meta_fd(&file, &meta, &ctx)?;
                 rustix::fs::futimens(&file, &times(meta.mtime)).map_err(|e| ctx.io(e))?;
             }
@@ -374,19 +375,32 @@ fn times(mtime: Timespec) -> Timestamps {
 }
 
 /// Copies file content with a large buffer (the default 8 KiB costs throughput).
-fn copy_data<R: Read>(src: &mut R, dst: &mut File) -> std::io::Result<u64> {
+/// Copies an entry's content. For a GNU sparse entry, runs of zeros (the holes `tar`
+/// fills in, whose size the layer declares freely) become holes in the file rather
+/// than written blocks, so a tiny layer cannot fill the disk with them.
+fn copy_data<R: Read>(src: &mut R, dst: &mut File, sparse: bool) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
         let n = match src.read(&mut buf) {
-            Ok(0) => return Ok(total),
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        dst.write_all(&buf[..n])?;
+        if sparse && buf[..n].iter().all(|&b| b == 0) {
+            dst.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            dst.write_all(&buf[..n])?;
+        }
         total += n as u64;
     }
+    if sparse {
+        // A trailing hole: the file still has its full size.
+        dst.set_len(total)?;
+    }
+    Ok(total)
 }
 
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, ctx: &Ctx) -> Result<Meta, UnpackError> {

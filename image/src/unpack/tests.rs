@@ -709,3 +709,320 @@ fn randomized_layers_never_touch_the_outside() {
     // The generator must exercise both outcomes to mean anything.
     assert!(ok > 10 && refused > 10, "ok {ok}, refused {refused}");
 }
+
+// ---- Header bombs: records `tar` would buffer whole ----
+
+const GIB_1_5: u64 = 3 << 29;
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// A header block of type `kind` declaring `size` bytes.
+fn meta_header(kind: EntryType, size: u64) -> Header {
+    let mut h = if kind == EntryType::XHeader {
+        Header::new_ustar()
+    } else {
+        Header::new_gnu()
+    };
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    zero_ids(&mut h);
+    h.set_cksum();
+    h
+}
+
+/// Mode 0644, uid/gid/mtime 0 (`Header::new_*` leaves them empty).
+fn zero_ids(h: &mut Header) {
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+}
+
+/// Sets the size field in GNU base-256 form.
+fn set_size_base256(h: &mut Header, size: u64) {
+    let field = &mut h.as_old_mut().size;
+    field.fill(0);
+    field[4..].copy_from_slice(&size.to_be_bytes());
+    field[0] |= 0x80;
+    h.set_cksum();
+}
+
+/// A gzip layer: `prefix` (headers), then `payload` zero bytes (gzip members of 1 MiB
+/// each, so a 1.5 GiB record is ~1.5 MiB of gzip), then an end-of-archive.
+fn bomb_layer(prefix: &[u8], payload: u64) -> Vec<u8> {
+    let mut out = gz(prefix);
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&vec![0u8; 1 << 20]).unwrap();
+    let chunk = e.finish().unwrap();
+    for _ in 0..payload >> 20 {
+        out.extend_from_slice(&chunk);
+    }
+    out.extend_from_slice(&gz(&[0u8; 1024]));
+    out
+}
+
+/// The crafted layers, by name: each declares a 1.5 GiB record `tar` would read whole.
+fn bomb(name: &str) -> Vec<u8> {
+    let h = |kind, size| meta_header(kind, size).as_bytes().to_vec();
+    match name {
+        "gnu-long-name" => bomb_layer(&h(EntryType::GNULongName, GIB_1_5), GIB_1_5),
+        "gnu-long-link" => bomb_layer(&h(EntryType::GNULongLink, GIB_1_5), GIB_1_5),
+        "pax" => bomb_layer(&h(EntryType::XHeader, GIB_1_5), GIB_1_5),
+        "gnu-long-name-base256" => {
+            let mut hd = meta_header(EntryType::GNULongName, 0);
+            set_size_base256(&mut hd, GIB_1_5);
+            bomb_layer(hd.as_bytes(), GIB_1_5)
+        }
+        // After ordinary entries (a PAX-sized file, a base-256-sized file): the guard
+        // keeps track of where headers are.
+        "after-files" => {
+            let mut t = TarBuilder::new();
+            t.file("a", b"hello");
+            // The PAX size applies to "b", not to the GNU long name between.
+            t.pax(&[("size", b"1000")]);
+            let mut prefix = t.0.get_ref().clone();
+            prefix.extend_from_slice(&h(EntryType::GNULongName, 2));
+            prefix.extend_from_slice(b"b\0");
+            prefix.extend_from_slice(&[0u8; 510]);
+            let mut f = Header::new_gnu();
+            f.set_path("b").unwrap();
+            f.set_size(0);
+            zero_ids(&mut f);
+            f.set_cksum();
+            prefix.extend_from_slice(f.as_bytes());
+            prefix.extend_from_slice(&[7u8; 1024]); // 1000 bytes + padding
+            let mut f = Header::new_gnu();
+            f.set_path("c").unwrap();
+            zero_ids(&mut f);
+            set_size_base256(&mut f, 600);
+            prefix.extend_from_slice(f.as_bytes());
+            prefix.extend_from_slice(&[8u8; 1024]);
+            prefix.extend_from_slice(&h(EntryType::GNULongName, GIB_1_5));
+            bomb_layer(&prefix, GIB_1_5)
+        }
+        other => panic!("no bomb {other}"),
+    }
+}
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+const BOMBS: &[&str] = &[
+    "gnu-long-name",
+    "gnu-long-link",
+    "pax",
+    "gnu-long-name-base256",
+    "after-files",
+];
+
+/// Each bomb is refused with a clear error, and the unpack's peak RSS growth stays far
+/// below the record's size. Each runs in a child process (this test, re-executed) so
+/// that no other test's memory counts.
+#[test]
+fn header_bombs_are_refused_in_bounded_memory() {
+    const TEST: &str = "unpack::tests::header_bombs_are_refused_in_bounded_memory";
+    if let Ok(name) = std::env::var("VESSEL_TAR_BOMB") {
+        let layer = bomb(&name);
+        let dir = tempfile::tempdir().unwrap();
+        // Reset the high-water mark to the current RSS, then measure the peak.
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = status_kib("VmRSS:");
+        let start = std::time::Instant::now();
+        let res = unpack_layer(&layer[..], Compression::Gzip, dir.path());
+        let ms = start.elapsed().as_millis();
+        let growth = status_kib("VmHWM:").saturating_sub(before);
+        let err = match res {
+            Err(e @ UnpackError::TooLarge(_)) => e.to_string(),
+            other => format!("UNEXPECTED {other:?}"),
+        };
+        println!(
+            "BOMB {name} gz={} growth_kib={growth} ms={ms} err={err}",
+            layer.len()
+        );
+        return;
+    }
+    for name in BOMBS {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env("VESSEL_TAR_BOMB", name)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.find("BOMB ").map(|i| &l[i..]))
+            .unwrap_or_else(|| panic!("{name}: no result: {stdout}"));
+        eprintln!("{line}");
+        assert!(!line.contains("UNEXPECTED"), "{line}");
+        assert!(line.contains("over the limit of 1048576 bytes"), "{line}");
+        let growth: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("growth_kib="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(growth < 64 * 1024, "{line}");
+    }
+}
+
+#[test]
+fn records_up_to_the_cap_are_accepted() {
+    // A PAX record just under 1 MiB (an ignored key) and a long name via GNU `L`.
+    let big = vec![b'c'; (1 << 20) - 100];
+    let long = format!("{}/f", "d".repeat(200));
+    let mut t = TarBuilder::new();
+    t.pax(&[("comment", &big)]).file("a", b"1");
+    let mut h = Header::new_gnu();
+    zero_ids(&mut h);
+    h.set_size(2);
+    t.0.append_data(&mut h, &long, &b"22"[..]).unwrap();
+    let (dir, res) = unpack(&t.finish());
+    res.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"1");
+    assert_eq!(std::fs::read(dir.path().join(&long)).unwrap(), b"22");
+
+    // One byte over the cap is refused, PAX or GNU.
+    let mut t = TarBuilder::new();
+    let over = vec![b'c'; 1 << 20];
+    t.pax(&[("comment", &over)]).file("a", b"1");
+    let (_d, res) = unpack(&t.finish());
+    assert!(matches!(res, Err(UnpackError::TooLarge(_))), "{res:?}");
+    let mut tar = meta_header(EntryType::GNULongName, (1 << 20) + 1)
+        .as_bytes()
+        .to_vec();
+    tar.resize(tar.len() + (1 << 20) + 512, b'n');
+    let (_d, res) = unpack(&tar);
+    assert!(matches!(res, Err(UnpackError::TooLarge(_))), "{res:?}");
+}
+
+/// A GNU sparse header with `ext` extension blocks, the last holding one data block.
+fn sparse_tar(ext: usize, then: &[u8]) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    h.set_path("s").unwrap();
+    h.set_entry_type(EntryType::GNUSparse);
+    zero_ids(&mut h);
+    h.set_size(1024); // stored data: two 512-byte blocks
+    let gnu = h.as_gnu_mut().unwrap();
+    let oct = |dst: &mut [u8], v: u64| {
+        let s = format!("{v:0w$o}", w = dst.len() - 1);
+        dst[..s.len()].copy_from_slice(s.as_bytes());
+    };
+    oct(&mut gnu.sparse[0].offset, 0);
+    oct(&mut gnu.sparse[0].numbytes, 512);
+    oct(&mut gnu.realsize, 8192 + 512);
+    gnu.isextended[0] = 1;
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    for i in 0..ext {
+        let mut block = [0u8; 512];
+        if i + 1 == ext {
+            // The last extension block: the second data block at 8 KiB.
+            let s = format!("{:011o}\0{:011o}\0", 8192, 512);
+            block[..24].copy_from_slice(s.as_bytes());
+        } else {
+            block[504] = 1;
+        }
+        out.extend_from_slice(&block);
+    }
+    out.extend_from_slice(&[1u8; 512]);
+    out.extend_from_slice(&[2u8; 512]);
+    out.extend_from_slice(then);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn sparse_maps_are_followed_and_capped() {
+    let next = {
+        let mut t = TarBuilder::new();
+        t.file("after", b"ok");
+        t.0.get_ref().clone()
+    };
+    // A few extension blocks: unpacked, and the guard finds the next header.
+    let bomb_after = meta_header(EntryType::GNULongName, GIB_1_5);
+    let (dir, res) = unpack(&sparse_tar(3, &next));
+    res.unwrap();
+    let s = std::fs::read(dir.path().join("s")).unwrap();
+    assert_eq!(s.len(), 8192 + 512);
+    assert!(s[..512].iter().all(|&b| b == 1) && s[8192..].iter().all(|&b| b == 2));
+    assert_eq!(std::fs::read(dir.path().join("after")).unwrap(), b"ok");
+    let (_d, res) = unpack(&sparse_tar(3, bomb_after.as_bytes()));
+    assert!(matches!(res, Err(UnpackError::TooLarge(_))), "{res:?}");
+    // A map longer than the cap is refused.
+    let (_d, res) = unpack(&sparse_tar(3000, &next));
+    match res {
+        Err(UnpackError::TooLarge(e)) => assert_eq!(e.what, "GNU sparse map"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A GNU sparse file of `real` bytes: 512 bytes of 1s at 0, 512 bytes of 2s at
+/// `second`, then a hole to the end.
+fn sparse_with_holes(second: u64, real: u64) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    h.set_path("holes").unwrap();
+    h.set_entry_type(EntryType::GNUSparse);
+    zero_ids(&mut h);
+    h.set_size(1024);
+    let gnu = h.as_gnu_mut().unwrap();
+    // Octal where it fits, else GNU base-256.
+    let oct = |dst: &mut [u8], v: u64| {
+        let s = format!("{v:0w$o}", w = dst.len() - 1);
+        if s.len() < dst.len() {
+            dst[..s.len()].copy_from_slice(s.as_bytes());
+        } else {
+            dst.fill(0);
+            let n = dst.len();
+            dst[n - 8..].copy_from_slice(&v.to_be_bytes());
+            dst[0] |= 0x80;
+        }
+    };
+    oct(&mut gnu.sparse[0].offset, 0);
+    oct(&mut gnu.sparse[0].numbytes, 512);
+    oct(&mut gnu.sparse[1].offset, second);
+    oct(&mut gnu.sparse[1].numbytes, 512);
+    oct(&mut gnu.sparse[2].offset, real);
+    oct(&mut gnu.sparse[2].numbytes, 0);
+    oct(&mut gnu.realsize, real);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&[1u8; 512]);
+    out.extend_from_slice(&[2u8; 512]);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn sparse_holes_are_not_written_and_huge_ones_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let (second, real) = (256 << 20, (256 << 20) + (4 << 20));
+    let (dir, res) = unpack(&sparse_with_holes(second, real));
+    res.unwrap();
+    let path = dir.path().join("holes");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), real);
+    // Only the two data blocks take space (filesystems round up; far below 1 MiB).
+    assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut b = [0u8; 512];
+    f.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(second)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 2));
+
+    // A petabyte of holes in a 2 KiB tar: refused before tar reads any of it.
+    let (_d, res) = unpack(&sparse_with_holes(1 << 50, 1 << 50));
+    match res {
+        Err(UnpackError::TooLarge(e)) => assert_eq!(e.what, "GNU sparse file"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,188 @@
+//! Checks of CRI request fields that name host paths: the caller is trusted to run
+//! pods, not to make vesseld write or read arbitrary host files.
+
+use std::io::Read as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+use std::path::{Component, Path};
+
+/// Largest Localhost seccomp profile read (real ones are a few KiB).
+pub const MAX_SECCOMP_PROFILE: u64 = 1 << 20;
+
+/// A request field refused.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+pub enum InvalidInput {
+    /// `log_path` would leave the pod's `log_directory`.
+    #[error(
+        "log_path {path:?}: {reason}; it must be a relative path without \"..\" inside \
+         the pod's log_directory"
+    )]
+    LogPath { path: String, reason: &'static str },
+    /// A Localhost seccomp profile that cannot be used.
+    #[error("seccomp profile {path:?}: {reason}")]
+    SeccompProfile { path: String, reason: String },
+}
+
+/// The container's log file: `log_path` under the pod's `log_directory`. Empty when
+/// either is empty (no log). `log_path` must be relative, free of `..` and NUL.
+pub fn log_path(log_directory: &str, log_path: &str) -> Result<String, InvalidInput> {
+    if log_directory.is_empty() || log_path.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = |reason| InvalidInput::LogPath {
+        path: log_path.to_owned(),
+        reason,
+    };
+    if log_path.contains('\0') {
+        return Err(bad("contains a NUL byte"));
+    }
+    let rel = Path::new(log_path);
+    let mut normal = 0;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => normal += 1,
+            Component::CurDir => {}
+            Component::ParentDir => return Err(bad("contains \"..\"")),
+            Component::RootDir | Component::Prefix(_) => return Err(bad("is absolute")),
+        }
+    }
+    if normal == 0 || log_path.ends_with('/') {
+        return Err(bad("names no file"));
+    }
+    Ok(Path::new(log_directory)
+        .join(rel)
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Reads a Localhost seccomp profile (the kubelet passes absolute paths; their
+/// directories may be symlinks): a regular file of at most [`MAX_SECCOMP_PROFILE`]
+/// bytes of UTF-8. Runs on a blocking thread: a path on a slow or hung filesystem
+/// must not stall the async workers.
+pub async fn seccomp_profile(path: &str) -> Result<String, InvalidInput> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || read_profile(Path::new(&owned)))
+        .await
+        .map_err(|e| InvalidInput::SeccompProfile {
+            path: path.to_owned(),
+            reason: format!("read task failed: {e}"),
+        })?
+        .map_err(|reason| InvalidInput::SeccompProfile {
+            path: path.to_owned(),
+            reason,
+        })
+}
+
+fn read_profile(path: &Path) -> Result<String, String> {
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err("contains a NUL byte".into());
+    }
+    if !path.is_absolute() {
+        return Err("must be an absolute path".into());
+    }
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOCTTY: a terminal
+    // must not become ours. The type is checked on the opened file, not the name.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("is {what}, not a regular file"));
+    }
+    if meta.len() > MAX_SECCOMP_PROFILE {
+        return Err(format!(
+            "is {} bytes, over the limit of {MAX_SECCOMP_PROFILE}",
+            meta.len()
+        ));
+    }
+    // The file may grow after the stat: read at most one byte past the limit.
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SECCOMP_PROFILE + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| e.to_string())?;
+    if data.len() as u64 > MAX_SECCOMP_PROFILE {
+        return Err(format!("is over the limit of {MAX_SECCOMP_PROFILE} bytes"));
+    }
+    String::from_utf8(data).map_err(|_| "is not UTF-8".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_stay_in_the_log_directory() {
+        let dir = "/var/log/pods/ns_pod_uid";
+        assert_eq!(log_path(dir, "c/0.log").unwrap(), format!("{dir}/c/0.log"));
+        assert_eq!(
+            log_path(dir, "./c_0.log").unwrap(),
+            format!("{dir}/./c_0.log")
+        );
+        assert_eq!(log_path("", "c/0.log").unwrap(), "");
+        assert_eq!(log_path(dir, "").unwrap(), "");
+        for (bad, why) in [
+            ("../../etc/cron.d/x", "\"..\""),
+            ("c/../../x", "\"..\""),
+            ("/etc/passwd", "absolute"),
+            ("c/0.log\0x", "NUL"),
+            (".", "names no file"),
+            ("c/", "names no file"),
+        ] {
+            let e = log_path(dir, bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(why), "{bad}: {msg}");
+            assert!(msg.contains("log_directory"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn seccomp_profiles_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let good = d.join("profile.json");
+        std::fs::write(&good, br#"{"defaultAction":"SCMP_ACT_ALLOW"}"#).unwrap();
+        // Through a symlinked directory, as kubelet paths may be.
+        std::os::unix::fs::symlink(d, d.join("link")).unwrap();
+        let via_link = d.join("link/profile.json");
+        for p in [&good, &via_link] {
+            let text = seccomp_profile(p.to_str().unwrap()).await.unwrap();
+            assert!(text.contains("SCMP_ACT_ALLOW"));
+        }
+
+        let big = d.join("big.json");
+        std::fs::write(&big, vec![b' '; (MAX_SECCOMP_PROFILE + 1) as usize]).unwrap();
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let cases: Vec<(String, &str)> = vec![
+            (big.display().to_string(), "over the limit"),
+            (fifo.display().to_string(), "FIFO"),
+            ("/dev/null".into(), "device"),
+            (d.display().to_string(), "directory"),
+            ("relative/profile.json".into(), "absolute"),
+            (d.join("missing").display().to_string(), "No such file"),
+        ];
+        for (path, why) in cases {
+            let t = std::time::Instant::now();
+            let e = seccomp_profile(&path).await.unwrap_err().to_string();
+            assert!(e.contains(why), "{path}: {e}");
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "{path} blocked"
+            );
+        }
+    }
+}
