@@ -489,6 +489,30 @@ impl Containers {
         Ok(())
     }
 
+    /// [`Containers::signal`], waiting first (briefly) for a process that is still
+    /// starting to be able to receive it (see `startsig`).
+    pub async fn signal_when_catchable(
+        &self,
+        id: &str,
+        exec_id: &str,
+        sig: i32,
+        all: bool,
+    ) -> Result<(), Error> {
+        if !all {
+            if let Ok(p) = self.process(id, exec_id) {
+                let started = *p.started_at_ns.lock().unwrap_or_else(|e| e.into_inner());
+                let age = || {
+                    let ns = crate::clock::unix_ns().saturating_sub(started).max(0);
+                    Duration::from_nanos(ns as u64)
+                };
+                if started > 0 && !p.exited() {
+                    crate::startsig::wait_catchable(p.pid, sig, age).await;
+                }
+            }
+        }
+        self.signal(id, exec_id, sig, all)
+    }
+
     pub fn signal(&self, id: &str, exec_id: &str, sig: i32, all: bool) -> Result<(), Error> {
         let c = self.get(id)?;
         let signal = Signal::try_from(sig)

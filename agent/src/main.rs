@@ -16,6 +16,7 @@ mod ready;
 mod reaper;
 mod service;
 mod spec;
+mod startsig;
 mod stats;
 mod stdio;
 mod sysctl;

@@ -189,7 +189,8 @@ impl Agent for AgentService {
     async fn signal_process(&self, req: Request<pb::SignalProcessRequest>) -> Reply<pb::Empty> {
         let r = req.into_inner();
         self.containers
-            .signal(&r.container_id, &r.exec_id, r.signal as i32, r.all)
+            .signal_when_catchable(&r.container_id, &r.exec_id, r.signal as i32, r.all)
+            .await
             .map_err(status)?;
         ok()
     }
