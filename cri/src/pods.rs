@@ -252,7 +252,8 @@ impl Engine {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
-            tracing::warn!(pod = %pod_id, "pod VM exited unexpectedly");
+            // sandbox logged the warning, with what died.
+            tracing::info!(pod = %pod_id, "pod VM exited unexpectedly; pod is NOTREADY");
             let live = engine
                 .pods
                 .lock()
@@ -266,7 +267,10 @@ impl Engine {
         });
     }
 
-    pub async fn run_pod(&self, req: cri::RunPodSandboxRequest) -> Result<String, Status> {
+    pub async fn run_pod(
+        self: &Arc<Self>,
+        req: cri::RunPodSandboxRequest,
+    ) -> Result<String, Status> {
         let config = req
             .config
             .ok_or_else(|| Status::invalid_argument("RunPodSandbox: config is missing"))?;
@@ -325,6 +329,8 @@ impl Engine {
                     self.unwind_pod(&id, Some(live)).await;
                     return Err(store_status(e));
                 }
+                // Its death (QEMU or a helper) makes the pod NOTREADY at once.
+                self.watch_vm(&id, &live);
                 Ok(id)
             }
             Err(e) => {

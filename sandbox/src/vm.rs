@@ -81,6 +81,21 @@ struct Confined {
     cgroup: Option<PodCgroup>,
 }
 
+/// Resolves with the name of the first helper to exit (never, without helpers).
+async fn first_exit(helpers: &[(&'static str, Proc)]) -> &'static str {
+    match helpers {
+        [] => std::future::pending().await,
+        [(name, p)] => {
+            p.exited().await;
+            name
+        }
+        [(a, p), (b, q), ..] => tokio::select! {
+            _ = p.exited() => a,
+            _ = q.exited() => b,
+        },
+    }
+}
+
 /// Undoes a partial start in reverse order unless disarmed.
 struct StartGuard {
     dir: PathBuf,
@@ -434,25 +449,38 @@ impl PodVm {
         let (tx, exit) = watch::channel(None);
         let supervisor = {
             let (vmm, stopping, id) = (vmm.clone(), stopping.clone(), id.clone());
-            let helpers: Vec<Proc> = vsock_helper
+            let helpers: Vec<(&'static str, Proc)> = vsock_helper
                 .iter()
-                .chain(virtiofsd.iter())
-                .cloned()
+                .map(|p| ("vhost-device-vsock", p.clone()))
+                .chain(virtiofsd.iter().map(|p| ("virtiofsd", p.clone())))
                 .collect();
             tokio::spawn(async move {
-                vmm.exited().await;
-                let how = if stopping.load(Ordering::SeqCst) {
-                    VmExit::Requested
-                } else {
-                    tracing::warn!(%id, pid = vmm.pid(), "pod VM exited unexpectedly");
-                    // The helpers are useless without the VM (and vhost-device-vsock
-                    // would linger forever): stop them now.
-                    for h in &helpers {
-                        h.terminate(HELPER_GRACE).await;
+                let mut cause = "the VMM (QEMU) exited";
+                tokio::select! {
+                    _ = vmm.exited() => {}
+                    name = first_exit(&helpers) => {
+                        // Without its files or its agent channel the VM is useless: a
+                        // dead helper is the pod's death, seen now rather than at the
+                        // next call that hangs.
+                        if !stopping.load(Ordering::SeqCst) {
+                            cause = name;
+                            vmm.kill().await;
+                        }
+                        vmm.exited().await;
                     }
-                    VmExit::Unexpected
-                };
-                let _ = tx.send(Some(how));
+                }
+                if stopping.load(Ordering::SeqCst) {
+                    let _ = tx.send(Some(VmExit::Requested));
+                    return;
+                }
+                tracing::warn!(%id, pid = vmm.pid(), cause, "pod VM exited unexpectedly");
+                // Reported first: stopping a helper may take its whole grace period.
+                let _ = tx.send(Some(VmExit::Unexpected));
+                // The helpers are useless without the VM (and vhost-device-vsock
+                // would linger forever): stop them now.
+                for (_, h) in &helpers {
+                    h.terminate(HELPER_GRACE).await;
+                }
             })
         };
         Self {

@@ -1,0 +1,122 @@
+//! Liveness as the kubelet relies on it: a StopContainer right after StartContainer
+//! is not lost, and the death of a pod's VM (QEMU, or either helper it cannot live
+//! without) makes the pod NOTREADY and its containers EXITED within 2 s, after which
+//! the pod is removed cleanly.
+
+mod runtime_common;
+
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as cri;
+use runtime_common::*;
+use vessel_tests::cri::CriClient;
+use vessel_tests::daemon::TestDaemon;
+
+/// The pid of one of the pod's host processes, from its VM's state file.
+fn vm_process(d: &TestDaemon, pod: &str, which: &str) -> i32 {
+    let state = d.run_root().join("vm").join(&pod[..16]).join("state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("VM state file")).unwrap();
+    state[which]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no {which} in {state}")) as i32
+}
+
+async fn pod_state(c: &mut CriClient, pod: &str) -> i32 {
+    pod_status(c, pod).await.status.unwrap().state
+}
+
+/// Kills `which` of a running pod and checks what the kubelet would see.
+async fn pod_dies_with(c: &mut CriClient, d: &TestDaemon, image: &str, which: &str) {
+    let logs = d.dir().join("logs").join(which);
+    let pod_cfg = pod_config(&format!("dies-{which}"), &logs);
+    let pod = run_pod(c, &pod_cfg, "").await.expect("RunPodSandbox");
+    let ctr = run_container(
+        c,
+        &pod,
+        &pod_cfg,
+        container_config("victim", image, &["sh", "-c", LONG_RUNNER]),
+    )
+    .await;
+    let pid = vm_process(d, &pod, which);
+    // SAFETY: kill(2) with a pid read from the VM's state file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {which}");
+    let killed = Instant::now();
+    loop {
+        if pod_state(c, &pod).await == cri::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "pod still READY {:?} after {which} was killed",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = killed.elapsed();
+    let s = status(c, &ctr).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{s:?}"
+    );
+    assert!(!s.reason.is_empty() && !s.message.is_empty(), "{s:?}");
+    eprintln!(
+        "{which} killed: pod NOTREADY after {seen:?}; container: {} / {}",
+        s.reason, s.message
+    );
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox after the VM died");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_death_is_seen_at_once_and_stops_are_never_lost() {
+    let Some((_reg, d, mut c, image)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+
+    // StopContainer right after StartContainer: the signal reaches the process.
+    let logs = d.dir().join("logs/quick");
+    let pod_cfg = pod_config("quick", &logs);
+    let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    for attempt in 0..3 {
+        let mut cfg = container_config(&format!("top-{attempt}"), &image, &["top"]);
+        cfg.tty = true;
+        let id = run_container(&mut c, &pod, &pod_cfg, cfg).await;
+        let t = Instant::now();
+        c.runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 10,
+            })
+            .await
+            .expect("StopContainer");
+        let took = t.elapsed();
+        let s = status(&mut c, &id).await;
+        eprintln!(
+            "stop right after start #{attempt}: {took:?}, exit {}",
+            s.exit_code
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "StopContainer right after StartContainer took {took:?}: the TERM was lost"
+        );
+        assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    }
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .expect("RemovePodSandbox");
+
+    for which in ["vmm", "virtiofsd", "vsock_helper"] {
+        pod_dies_with(&mut c, &d, &image, which).await;
+    }
+    assert_no_leaks(&d);
+}
