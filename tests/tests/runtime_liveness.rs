@@ -1,7 +1,8 @@
 //! Liveness as the kubelet relies on it: a StopContainer right after StartContainer
 //! is not lost, and the death of a pod's VM (QEMU, or either helper it cannot live
 //! without) makes the pod NOTREADY and its containers EXITED within 2 s, after which
-//! the pod is removed cleanly.
+//! the pod is removed cleanly. Also CRI details critest relies on: long pod names,
+//! default signal dispositions, a group without a user.
 
 mod runtime_common;
 
@@ -118,5 +119,90 @@ async fn vm_death_is_seen_at_once_and_stops_are_never_lost() {
     for which in ["vmm", "virtiofsd", "vsock_helper"] {
         pod_dies_with(&mut c, &d, &image, which).await;
     }
+    assert_no_leaks(&d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_pod_names_default_signals_and_group_without_user() {
+    let Some((_reg, d, mut c, image)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+
+    // critest-style pod: a ~70-character name and no hostname.
+    let name = "podsandbox-for-test-long-names-0d7f3a4e-9b1c-4c1e-8f00-5a5a5a5a5a5a-x";
+    assert!(name.len() > 64);
+    let logs = d.dir().join("logs/long");
+    let mut pod_cfg = pod_config(name, &logs);
+    pod_cfg.hostname = String::new();
+    let pod = run_pod(&mut c, &pod_cfg, "")
+        .await
+        .expect("RunPodSandbox with a long pod name");
+    // `sleep` changes no disposition itself (a shell ignores some), so its status
+    // shows what the container's init inherited.
+    let ctr = run_container(
+        &mut c,
+        &pod,
+        &pod_cfg,
+        container_config("sig", &image, &["sleep", "3600"]),
+    )
+    .await;
+    let r = exec(&mut c, &ctr, &["hostname"], 30)
+        .await
+        .expect("hostname");
+    let host = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert!(host.len() <= 63 && name.starts_with(&host), "{host:?}");
+
+    // Every signal at its default disposition, none blocked, in the container's
+    // main process and in an exec (runc's children start so).
+    let r = exec(
+        &mut c,
+        &ctr,
+        &[
+            "grep",
+            "-E",
+            "^Sig(Ign|Blk)",
+            "/proc/1/status",
+            "/proc/self/status",
+        ],
+        30,
+    )
+    .await
+    .expect("signal masks");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    for line in out.lines() {
+        assert!(line.ends_with("0000000000000000"), "{out}");
+    }
+
+    // run_as_group without a user is refused, leaving nothing behind.
+    let mut cfg = container_config("group-only", &image, &["true"]);
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_group: Some(cri::Int64Value { value: 5 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = create(&mut c, &pod, &pod_cfg, cfg)
+        .await
+        .expect_err("run_as_group alone");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("run_as_group"), "{}", err.message());
+    let listed = c
+        .runtime
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .expect("RemovePodSandbox");
     assert_no_leaks(&d);
 }
