@@ -127,6 +127,8 @@ pub struct CreateRequest {
     pub stdin_once: bool,
     pub share_pid_with: String,
     pub share_ipc_with: String,
+    /// Join the pod-level PID namespace (see `podinit`).
+    pub pod_pid_ns: bool,
 }
 
 #[derive(Clone)]
@@ -288,10 +290,16 @@ impl Containers {
             let c = self.get(other)?;
             Ok(Some(format!("/proc/{}/ns/{kind}", c.main.pid)))
         };
+        let pid_ns_path = if req.pod_pid_ns {
+            let init = crate::podinit::ensure(&self.reaper).await?;
+            Some(format!("/proc/{init}/ns/pid"))
+        } else {
+            ns_path(&req.share_pid_with, "pid")?
+        };
         let adj = spec::Adjust {
             container_id: req.id.clone(),
             rootfs: req.rootfs.clone(),
-            pid_ns_path: ns_path(&req.share_pid_with, "pid")?,
+            pid_ns_path,
             ipc_ns_path: ns_path(&req.share_ipc_with, "ipc")?,
         };
         crate::podfiles::ensure()?;

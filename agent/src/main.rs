@@ -12,6 +12,7 @@ mod network;
 mod oci;
 mod output;
 mod podfiles;
+mod podinit;
 mod ready;
 mod reaper;
 mod service;
@@ -26,6 +27,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(oci::HELPER_ARG) {
         std::process::exit(oci::helper_main(&args[1..]));
+    }
+    if args.first().map(String::as_str) == Some(podinit::PODINIT_ARG) {
+        std::process::exit(podinit::main());
     }
     let pid1 = std::process::id() == 1;
     if pid1 {

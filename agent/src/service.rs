@@ -89,6 +89,7 @@ impl Agent for AgentService {
                 stdin_once: r.stdin_once,
                 share_pid_with: r.share_pid_ns_with,
                 share_ipc_with: r.share_ipc_ns_with,
+                pod_pid_ns: r.pod_pid_ns,
             })
             .await
             .map_err(status)?;

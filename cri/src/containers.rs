@@ -260,20 +260,14 @@ impl Engine {
         let spec_json =
             serde_json::to_vec(&spec).map_err(|e| Status::internal(format!("spec json: {e}")))?;
 
-        // The "pod" PID namespace: that of a running container of the pod (a VM has
-        // no pause container), only when asked for explicitly. POD IPC is the VM's
-        // own (see oci.rs), so no container is joined for it.
+        // The "pod" PID namespace: one whose PID 1 is a pod-level init the agent
+        // keeps (the pause container's role), only when asked for explicitly. POD
+        // IPC is the VM's own (see oci.rs), so no container is joined for it.
         let opts = pod_config
             .linux
             .as_ref()
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.clone());
-        let donor = self
-            .store
-            .containers_of(live.vm.id())
-            .into_iter()
-            .find(|c| c.state == ContainerState::Running && c.id != id)
-            .map(|c| c.id);
         let pod_mode = cri::NamespaceMode::Pod as i32;
         let share_pid = opts.as_ref().is_some_and(|o| o.pid == pod_mode);
 
@@ -289,8 +283,9 @@ impl Engine {
             }),
             stdin: config.stdin,
             stdin_once: config.stdin_once,
-            share_pid_ns_with: donor.filter(|_| share_pid).unwrap_or_default(),
+            share_pid_ns_with: String::new(),
             share_ipc_ns_with: String::new(),
+            pod_pid_ns: share_pid,
         };
         live.vm
             .agent()

@@ -2,7 +2,7 @@
 //! is not lost, and the death of a pod's VM (QEMU, or either helper it cannot live
 //! without) makes the pod NOTREADY and its containers EXITED within 2 s, after which
 //! the pod is removed cleanly. Also CRI details critest relies on: long pod names,
-//! default signal dispositions, a group without a user.
+//! default signal dispositions, a group without a user, a pod-level PID 1.
 
 mod runtime_common;
 
@@ -197,6 +197,63 @@ async fn long_pod_names_default_signals_and_group_without_user() {
         .into_inner()
         .containers;
     assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // pid: POD. PID 1 of the shared namespace is the pod's init, not a workload,
+    // and the first container's exit leaves the others running.
+    let mut shared_cfg = pod_cfg.clone();
+    shared_cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let first = run_container(
+        &mut c,
+        &pod,
+        &shared_cfg,
+        container_config("first", &image, &["sh", "-c", "sleep 3; exit 3"]),
+    )
+    .await;
+    let second = run_container(
+        &mut c,
+        &pod,
+        &shared_cfg,
+        container_config("second", &image, &["sh", "-c", LONG_RUNNER]),
+    )
+    .await;
+    let r = exec(
+        &mut c,
+        &second,
+        &[
+            "sh",
+            "-c",
+            "tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args",
+        ],
+        30,
+    )
+    .await
+    .expect("pid 1 of the pod namespace");
+    let out = String::from_utf8_lossy(&r.stdout).to_string();
+    let pid1 = out.lines().next().unwrap_or_default();
+    assert!(pid1.contains("__podinit"), "PID 1 is {pid1:?}:\n{out}");
+    assert!(
+        out.contains("sleep 3"),
+        "the first container is visible: {out}"
+    );
+    let s = wait_exited(&mut c, &first, Duration::from_secs(30)).await;
+    assert_eq!(s.exit_code, 3);
+    assert_eq!(
+        status(&mut c, &second).await.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "the first container's exit took the second with it"
+    );
+    exec(&mut c, &second, &["true"], 30)
+        .await
+        .expect("the second container still runs");
 
     c.runtime
         .remove_pod_sandbox(cri::RemovePodSandboxRequest {
