@@ -13,17 +13,18 @@ use crate::config::Config;
 use crate::images::ImageSvc;
 use crate::instance::{bind_socket, InstanceLock};
 use crate::pods::Engine;
+use crate::reload::Reloader;
 use crate::runtime::RuntimeSvc;
 
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, reloader: Reloader) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(Arc::new(config)))
+        .block_on(serve(Arc::new(config), reloader))
 }
 
-async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
     // The lock comes first: nothing below may touch the state of a live instance.
     let _lock = InstanceLock::acquire(&config.lock_file())?;
 
@@ -76,6 +77,11 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
             .map(|c| format!("container {} ({}) of pod {}", c.id, c.name, c.pod_id))
     });
 
+    tokio::spawn(reloader.run((*config).clone()));
+    // The socket is bound and accepting: connections queue until serve() below takes
+    // them, so a supervisor may send clients now.
+    crate::sdnotify::notify("READY=1");
+
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
         .add_service(RuntimeServiceServer::new(RuntimeSvc::new(
@@ -109,4 +115,5 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    crate::sdnotify::notify("STOPPING=1");
 }
