@@ -50,8 +50,11 @@ if [ -d /run/systemd/system ] || [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ]
 fi
 
 # No systemd: start it in the background, logging to a size-capped file.
-if pgrep -x vesseld >/dev/null; then
-  echo "vesseld is already running (pid $(pgrep -x vesseld)); restart it to pick up the new build"
+# The running instance holds a flock on its lock file (other vesselds, such as the
+# tests' private ones, use other run_roots and do not count).
+lock=/run/vessel/vesseld.lock
+if [ -e "$lock" ] && ! flock -n "$lock" true; then
+  echo "vesseld is already running (pid $(cat "$lock")); restart it to pick up the new build"
   report
   exit 0
 fi
