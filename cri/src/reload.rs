@@ -113,13 +113,23 @@ impl Reloader {
         Ok((new, outcome))
     }
 
-    /// Reloads on every SIGHUP until the process ends.
-    pub async fn run(self, mut current: Config) {
+    /// Installs the SIGHUP handler now (SIGHUP's default action ends the process, so
+    /// this happens before vesseld reports ready) and returns the task that reloads
+    /// on every SIGHUP until the process ends.
+    pub fn start(self, current: Config) -> impl std::future::Future<Output = ()> {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot install the SIGHUP handler; config reload is off");
-            return;
-        };
+        let hup = signal(SignalKind::hangup());
+        async move {
+            match hup {
+                Ok(hup) => self.run(hup, current).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot install the SIGHUP handler; config reload is off")
+                }
+            }
+        }
+    }
+
+    async fn run(self, mut hup: tokio::signal::unix::Signal, mut current: Config) {
         let this = std::sync::Arc::new(self);
         while hup.recv().await.is_some() {
             tracing::info!(config = %this.source.file.display(), "SIGHUP: reloading the configuration");

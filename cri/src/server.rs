@@ -77,7 +77,8 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
             .map(|c| format!("container {} ({}) of pod {}", c.id, c.name, c.pod_id))
     });
 
-    tokio::spawn(reloader.run((*config).clone()));
+    let shutdown = shutdown_signal();
+    tokio::spawn(reloader.start((*config).clone()));
     // The socket is bound and accepting: connections queue until serve() below takes
     // them, so a supervisor may send clients now.
     crate::sdnotify::notify("READY=1");
@@ -90,7 +91,7 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
             engine,
         )))
         .add_service(ImageServiceServer::new(ImageSvc::new(store, image_users)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
 
     // Our own socket: remove it so the next start does not have to probe it.
@@ -102,18 +103,24 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (before READY=1 is sent: a stop that
+/// follows readiness at once must not meet the default action, which kills) and
+/// returns the future that completes on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop vesseld with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::warn!("cannot install signal handlers; stop vesseld with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        crate::sdnotify::notify("STOPPING=1");
     }
-    crate::sdnotify::notify("STOPPING=1");
 }

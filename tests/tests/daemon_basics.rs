@@ -397,3 +397,39 @@ async fn log_file_takes_the_log() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
 }
+
+/// Under systemd's Type=notify: READY=1 once the socket serves, STOPPING=1 on SIGTERM.
+#[test]
+fn notifies_systemd_when_ready_and_when_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let d = TestDaemon::prepare("").unwrap();
+    let notify = d.dir().join("notify.sock");
+    let sd = UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut child = d
+        .command()
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(d.dir().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sd.recv(&mut buf).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(d.dir().join("stderr")).unwrap_or_default();
+        panic!("no READY=1 within 30 s ({e}); log:\n{log}")
+    });
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means serving: the socket accepts at once.
+    std::os::unix::net::UnixStream::connect(d.socket()).expect("socket serves when READY=1");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = sd.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
