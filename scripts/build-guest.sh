@@ -55,6 +55,11 @@ if LC_ALL=C readelf -dW "$agent" | grep -q '(NEEDED)'; then
   exit 1
 fi
 
+# The agent's crate version (the workspace's, so vesseld's too): `vesseld check`
+# compares it with its own.
+agent_version=$(cd "$repo" && cargo pkgid -q -p vessel-agent)
+agent_version=${agent_version##*[#@]}
+
 # --- 3. up to date?
 hash() { sha256sum "$1" | cut -d' ' -f1; }
 deb_hash=$(hash "$deb")
@@ -148,6 +153,7 @@ cat >"$out/guest.json.tmp" <<EOF
   "kernel_package": "$(basename "$deb")",
   "kernel_deb_sha256": "$deb_hash",
   "agent_sha256": "$agent_hash",
+  "agent_version": "$agent_version",
   "build_script_sha256": "$script_hash",
   "vmlinux_sha256": "$(hash "$out/vmlinux")",
   "initrd_sha256": "$(hash "$out/initrd.img")",

@@ -29,6 +29,13 @@ pub struct Config {
     /// A tracing filter: a level ("info") or directives ("info,vesseld=debug").
     pub log_level: String,
     pub log_format: LogFormat,
+    /// vesseld's own log file (absent: stderr, e.g. for journald).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    /// The log file is rotated when a write would take it past this size (MiB).
+    pub log_max_size_mib: u64,
+    /// Rotated log files kept (`<log_file>.1` ... `.N`).
+    pub log_max_files: usize,
     pub image: ImageConfig,
     pub network: NetworkConfig,
     pub guest: GuestConfig,
@@ -101,6 +108,9 @@ impl Default for Config {
             run_root: "/run/vessel".into(),
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            log_file: None,
+            log_max_size_mib: 100,
+            log_max_files: 5,
             image: ImageConfig::default(),
             network: NetworkConfig::default(),
             guest: GuestConfig::default(),
@@ -185,6 +195,7 @@ pub struct Overrides {
     pub run_root: Option<PathBuf>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    pub log_file: Option<PathBuf>,
 }
 
 /// Where the config comes from.
@@ -297,6 +308,7 @@ impl Merged {
                 "--log-format",
                 o.log_format.clone().map(Value::String),
             ),
+            ("log_file", "--log-file", o.log_file.as_ref().map(path)),
         ];
         for (key, flag, value) in flags {
             if let Some(value) = value {
@@ -411,6 +423,12 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
                 ),
             );
         }
+    }
+    if c.log_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return err("log_file", "must be an absolute path");
+    }
+    if c.log_max_size_mib == 0 {
+        return err("log_max_size_mib", "must be at least 1");
     }
     for (i, dir) in c.network.cni_bin_dirs.iter().enumerate() {
         if !dir.is_absolute() {

@@ -1,27 +1,77 @@
 //! Logging setup: human-readable text by default, one JSON object per line with
-//! `log_format = "json"`.
+//! `log_format = "json"`; to stderr, or to `log_file` (size-capped, rotated by
+//! [`crate::logfile`]). The filter can be replaced at run time (SIGHUP).
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::{Config, LogFormat};
+use crate::logfile::RotatingFile;
+
+/// Changes the log filter of the running process.
+#[derive(Clone)]
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set: it keeps winning over `log_level`.
+    env_override: bool,
+}
+
+impl LogControl {
+    /// Applies `log_level` (already validated by the config loader). Returns false
+    /// when `RUST_LOG` pins the filter, so the level was left alone.
+    pub fn set_level(&self, log_level: &str) -> anyhow::Result<bool> {
+        if self.env_override {
+            return Ok(false);
+        }
+        let filter = EnvFilter::builder().parse(log_level)?;
+        self.handle
+            .reload(filter)
+            .map_err(|e| anyhow::anyhow!("cannot change the log filter: {e}"))?;
+        Ok(true)
+    }
+}
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `log_level`
 /// (handy for one-off debugging without editing the config).
-pub fn init(config: &Config) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(s) if !s.is_empty() => EnvFilter::builder().parse(s)?,
-        _ => EnvFilter::builder().parse(&config.log_level)?,
+pub fn init(config: &Config) -> anyhow::Result<LogControl> {
+    let (filter, env_override) = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.is_empty() => (EnvFilter::builder().parse(s)?, true),
+        _ => (EnvFilter::builder().parse(&config.log_level)?, false),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only help a terminal; log files stay plain.
-        .with_ansi(std::io::stderr().is_terminal());
-    let result = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match &config.log_file {
+        Some(path) => {
+            let file = RotatingFile::open(
+                path,
+                config.log_max_size_mib.saturating_mul(1024 * 1024),
+                config.log_max_files,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
+            let layer = fmt::layer().with_writer(Mutex::new(file)).with_ansi(false);
+            match config.log_format {
+                LogFormat::Text => registry.with(layer).try_init(),
+                LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
+            }
+        }
+        None => {
+            // Colour codes only help a terminal; redirected output stays plain.
+            let layer = fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal());
+            match config.log_format {
+                LogFormat::Text => registry.with(layer).try_init(),
+                LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
+            }
+        }
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(LogControl {
+        handle,
+        env_override,
+    })
 }

@@ -1,6 +1,7 @@
 //! vesseld: the CRI v1 gRPC server of vessel.
 
 mod calllog;
+mod check;
 mod config;
 mod containers;
 mod crilog;
@@ -9,13 +10,16 @@ mod hostdirs;
 mod hostname;
 mod images;
 mod instance;
+mod logfile;
 mod logging;
 mod logpump;
 mod oci;
 mod passwd;
 mod podnet;
 mod pods;
+mod reload;
 mod runtime;
+mod sdnotify;
 mod server;
 mod status;
 mod store;
@@ -55,6 +59,9 @@ struct Cli {
     /// Log format (overrides `log_format`).
     #[arg(long, global = true)]
     log_format: Option<LogFormatArg>,
+    /// Log to this file, rotated by size (overrides `log_file`; default: stderr).
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -69,6 +76,9 @@ enum LogFormatArg {
 enum Command {
     /// Print the effective configuration (files, drop-ins and flags merged) as TOML.
     Config,
+    /// Diagnose this host: one line per item (ok, warn, fail) with what to do.
+    /// Exits 1 when any item fails.
+    Check,
 }
 
 fn main() -> std::process::ExitCode {
@@ -92,6 +102,7 @@ fn main() -> std::process::ExitCode {
             LogFormatArg::Text => "text".to_owned(),
             LogFormatArg::Json => "json".to_owned(),
         }),
+        log_file: cli.log_file.clone(),
     };
     let config = match config::load(&source, &overrides) {
         Ok(c) => c,
@@ -100,15 +111,27 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if let Some(Command::Config) = cli.command {
-        print!("{}", config.to_toml());
-        return std::process::ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Config) => {
+            print!("{}", config.to_toml());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(Command::Check) => return check::run(&config),
+        None => {}
     }
-    if let Err(e) = logging::init(&config) {
-        eprintln!("vesseld: {e:#}");
-        return std::process::ExitCode::FAILURE;
-    }
-    match server::run(config) {
+    let log = match logging::init(&config) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("vesseld: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let reloader = reload::Reloader {
+        source,
+        overrides,
+        log,
+    };
+    match server::run(config, reloader) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("vesseld failed: {e:#}");

@@ -13,17 +13,18 @@ use crate::config::Config;
 use crate::images::ImageSvc;
 use crate::instance::{bind_socket, InstanceLock};
 use crate::pods::Engine;
+use crate::reload::Reloader;
 use crate::runtime::RuntimeSvc;
 
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, reloader: Reloader) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(Arc::new(config)))
+        .block_on(serve(Arc::new(config), reloader))
 }
 
-async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
     // The lock comes first: nothing below may touch the state of a live instance.
     let _lock = InstanceLock::acquire(&config.lock_file())?;
 
@@ -76,6 +77,12 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
             .map(|c| format!("container {} ({}) of pod {}", c.id, c.name, c.pod_id))
     });
 
+    let shutdown = shutdown_signal();
+    tokio::spawn(reloader.start((*config).clone()));
+    // The socket is bound and accepting: connections queue until serve() below takes
+    // them, so a supervisor may send clients now.
+    crate::sdnotify::notify("READY=1");
+
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
         .add_service(RuntimeServiceServer::new(RuntimeSvc::new(
@@ -84,7 +91,7 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
             engine,
         )))
         .add_service(ImageServiceServer::new(ImageSvc::new(store, image_users)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
 
     // Our own socket: remove it so the next start does not have to probe it.
@@ -96,17 +103,24 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (before READY=1 is sent: a stop that
+/// follows readiness at once must not meet the default action, which kills) and
+/// returns the future that completes on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop vesseld with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::warn!("cannot install signal handlers; stop vesseld with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        crate::sdnotify::notify("STOPPING=1");
     }
 }

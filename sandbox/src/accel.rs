@@ -63,11 +63,15 @@ const MAX_LOOP_US: u64 = 10_000;
 const PROBE_EXITS: u16 = 200;
 const VERDICT_FILE: &str = "accel-probe.json";
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Verdict {
-    kvm_usable: bool,
-    probe: Option<KvmProbe>,
-    reason: String,
+/// Whether KVM is usable here, and why (what `auto` decides and caches).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KvmVerdict {
+    /// Present and fast enough.
+    pub kvm_usable: bool,
+    /// The probe's figures, when the probe ran.
+    pub probe: Option<KvmProbe>,
+    /// One sentence: why KVM is (not) used.
+    pub reason: String,
 }
 
 /// Resolves `accel` for this host. `cache_dir` keeps the probe verdict so that the
@@ -92,14 +96,14 @@ pub fn resolve(accel: Accel, cache_dir: &Path) -> Result<ResolvedAccel> {
 /// on a fresh host would otherwise all probe and race on the cache file.
 static PROBE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn read_verdict(cache: &Path) -> Option<Verdict> {
+fn read_verdict(cache: &Path) -> Option<KvmVerdict> {
     std::fs::read(cache)
         .ok()
-        .and_then(|b| serde_json::from_slice::<Verdict>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<KvmVerdict>(&b).ok())
 }
 
 /// The cached verdict, probing (once) when there is none.
-fn cached_verdict(cache_dir: &Path) -> Result<Verdict> {
+fn cached_verdict(cache_dir: &Path) -> Result<KvmVerdict> {
     let cache = cache_dir.join(VERDICT_FILE);
     if let Some(v) = read_verdict(&cache) {
         return Ok(v);
@@ -118,14 +122,15 @@ fn cached_verdict(cache_dir: &Path) -> Result<Verdict> {
     Ok(v)
 }
 
-fn judge_kvm() -> Verdict {
+/// Probes KVM now (up to 5 s) and judges it as `auto` does; nothing is cached.
+pub fn judge_kvm() -> KvmVerdict {
     match probe_kvm() {
-        Err(e) => Verdict {
+        Err(e) => KvmVerdict {
             kvm_usable: false,
             probe: None,
             reason: format!("KVM probe failed: {e}"),
         },
-        Ok(p) if p.exit_ns > MAX_EXIT_NS || p.loop_us > MAX_LOOP_US => Verdict {
+        Ok(p) if p.exit_ns > MAX_EXIT_NS || p.loop_us > MAX_LOOP_US => KvmVerdict {
             kvm_usable: false,
             reason: format!(
                 "KVM too slow (exit {} ns > {MAX_EXIT_NS} or loop {} us > {MAX_LOOP_US})",
@@ -133,7 +138,7 @@ fn judge_kvm() -> Verdict {
             ),
             probe: Some(p),
         },
-        Ok(p) => Verdict {
+        Ok(p) => KvmVerdict {
             kvm_usable: true,
             probe: Some(p),
             reason: "KVM probe passed".into(),
@@ -276,7 +281,7 @@ mod tests {
     fn auto_caches_verdict() {
         let dir = tempfile::tempdir().unwrap();
         let first = resolve(Accel::Auto, dir.path()).unwrap();
-        let cached: Verdict =
+        let cached: KvmVerdict =
             serde_json::from_slice(&std::fs::read(dir.path().join(VERDICT_FILE)).unwrap()).unwrap();
         eprintln!("verdict: {cached:?}");
         assert_eq!(cached.kvm_usable, first == ResolvedAccel::Kvm);

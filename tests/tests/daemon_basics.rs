@@ -315,3 +315,121 @@ async fn runtime_not_ready_without_a_guest_image() {
         d.log()
     );
 }
+
+/// Waits up to 10 s for `needle` in the daemon's log.
+fn wait_for_log(d: &TestDaemon, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = d.log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// SIGHUP re-reads the config and drop-ins: log_level applies at once, other changes
+/// are named as needing a restart, and a broken file keeps the running config.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = TestDaemon::start().unwrap();
+    let pid = Pid::from_raw(d.pid().unwrap() as i32);
+    let mut c = d.client().await.unwrap();
+    let version = cri::VersionRequest::default();
+    c.runtime.version(version.clone()).await.unwrap();
+    let calls = |log: &str| log.matches("RuntimeService/Version").count();
+    // The harness's log_level is debug: every call is logged.
+    assert_eq!(calls(&d.log()), 1, "{}", d.log());
+
+    std::fs::write(
+        d.dropin_dir().join("50-reload.toml"),
+        "log_level = \"warn\"\n[image]\nmax_concurrent_downloads = 7\n",
+    )
+    .unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    let log = wait_for_log(&d, "needs a restart");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("configuration change applied") && l.contains("log_level")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("needs a restart") && l.contains("image.max_concurrent_downloads")),
+        "{log}"
+    );
+    // At warn, calls are no longer logged.
+    c.runtime.version(version.clone()).await.unwrap();
+    assert_eq!(calls(&d.log()), 1, "{}", d.log());
+
+    // A broken drop-in: not reloaded, the daemon keeps serving with its config.
+    std::fs::write(d.dropin_dir().join("60-bad.toml"), "log_level = \n").unwrap();
+    kill(pid, Signal::SIGHUP).unwrap();
+    let log = wait_for_log(&d, "configuration not reloaded");
+    assert!(log.contains("60-bad.toml"), "{log}");
+    c.runtime.version(version).await.unwrap();
+}
+
+/// `log_file`: vesseld writes its log there (created with its dir), not to stderr.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_file_takes_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("log/vesseld.log");
+    let d = TestDaemon::start_with(&format!(
+        "log_file = {:?}\nlog_max_size_mib = 1\nlog_max_files = 2\n",
+        file.display().to_string()
+    ))
+    .unwrap();
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("vesseld serving CRI v1"), "{text}");
+    assert!(!d.log().contains("vesseld serving"), "stderr: {}", d.log());
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+}
+
+/// Under systemd's Type=notify: READY=1 once the socket serves, STOPPING=1 on SIGTERM.
+#[test]
+fn notifies_systemd_when_ready_and_when_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let d = TestDaemon::prepare("").unwrap();
+    let notify = d.dir().join("notify.sock");
+    let sd = UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut child = d
+        .command()
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(d.dir().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sd.recv(&mut buf).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(d.dir().join("stderr")).unwrap_or_default();
+        panic!("no READY=1 within 30 s ({e}); log:\n{log}")
+    });
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means serving: the socket accepts at once.
+    std::os::unix::net::UnixStream::connect(d.socket()).expect("socket serves when READY=1");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = sd.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
