@@ -129,13 +129,7 @@ async fn host_files_are_private_and_cri_paths_are_checked() {
         assert!(e.message().contains(why), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
-    let listed = c
-        .runtime
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .containers;
+    let listed = list_containers(&mut c).await;
     assert!(listed.is_empty(), "{listed:?}");
     assert!(!outside.exists());
     assert!(!logs.join("c").exists());

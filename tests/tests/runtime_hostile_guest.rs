@@ -409,12 +409,7 @@ async fn a_hostile_guest_cannot_reach_the_host() {
         })
         .await
         .expect("StopPodSandbox");
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+    remove_pod(&mut c, &pod).await;
 
     assert_eq!(snapshot_tree(&canary), canary_before, "the canary changed");
     assert_eq!(

@@ -66,12 +66,7 @@ async fn pod_dies_with(c: &mut CriClient, d: &TestDaemon, image: &str, which: &s
         "{which} killed: pod NOTREADY after {seen:?}; container: {} / {}",
         s.reason, s.message
     );
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox after the VM died");
+    remove_pod(c, &pod).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -109,12 +104,7 @@ async fn vm_death_is_seen_at_once_and_stops_are_never_lost() {
         );
         assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
     }
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .expect("RemovePodSandbox");
+    remove_pod(&mut c, &pod).await;
 
     for which in ["vmm", "virtiofsd", "vsock_helper"] {
         pod_dies_with(&mut c, &d, &image, which).await;
@@ -189,13 +179,7 @@ async fn long_pod_names_default_signals_and_group_without_user() {
         .expect_err("run_as_group alone");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("run_as_group"), "{}", err.message());
-    let listed = c
-        .runtime
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .containers;
+    let listed = list_containers(&mut c).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
 
     // pid: POD. PID 1 of the shared namespace is the pod's init, not a workload,
@@ -255,11 +239,6 @@ async fn long_pod_names_default_signals_and_group_without_user() {
         .await
         .expect("the second container still runs");
 
-    c.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .expect("RemovePodSandbox");
+    remove_pod(&mut c, &pod).await;
     assert_no_leaks(&d);
 }

@@ -113,6 +113,26 @@ pub async fn create(
         .container_id)
 }
 
+/// RemovePodSandbox (which stops the pod first), expecting success.
+pub async fn remove_pod(c: &mut CriClient, pod: &str) {
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+}
+
+/// Every container vesseld lists, unfiltered.
+pub async fn list_containers(c: &mut CriClient) -> Vec<cri::Container> {
+    c.runtime
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers
+}
+
 pub async fn start(c: &mut CriClient, id: &str) {
     c.runtime
         .start_container(cri::StartContainerRequest {
