@@ -59,6 +59,8 @@ pub struct Stats {
     pub memory_max: u64,
     pub pids_current: u64,
     pub oom_kills: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
 }
 
 pub fn stats(dir: &Path) -> Stats {
@@ -73,6 +75,8 @@ pub fn stats(dir: &Path) -> Stats {
         memory_max: single(&read(dir, "memory.max")),
         pids_current: single(&read(dir, "pids.current")),
         oom_kills: oom_kills(dir),
+        page_faults: keyed(&mem_stat, "pgfault").unwrap_or(0),
+        major_page_faults: keyed(&mem_stat, "pgmajfault").unwrap_or(0),
     }
 }
 
@@ -180,7 +184,11 @@ mod tests {
         let d = std::env::temp_dir().join(format!("vessel-cg-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("memory.current"), "1000\n").unwrap();
-        std::fs::write(d.join("memory.stat"), "anon 300\ninactive_file 200\n").unwrap();
+        std::fs::write(
+            d.join("memory.stat"),
+            "anon 300\ninactive_file 200\npgfault 9\npgmajfault 1\n",
+        )
+        .unwrap();
         std::fs::write(d.join("memory.max"), "max\n").unwrap();
         std::fs::write(d.join("cpu.stat"), "usage_usec 77\nuser_usec 50\n").unwrap();
         std::fs::write(d.join("pids.current"), "3\n").unwrap();
@@ -196,7 +204,9 @@ mod tests {
                 memory_anon: 300,
                 memory_max: 0,
                 pids_current: 3,
-                oom_kills: 2
+                oom_kills: 2,
+                page_faults: 9,
+                major_page_faults: 1,
             }
         );
     }

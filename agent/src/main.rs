@@ -13,6 +13,7 @@ mod oci;
 mod output;
 mod podfiles;
 mod podinit;
+mod podstats;
 mod ready;
 mod reaper;
 mod service;

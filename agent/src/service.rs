@@ -134,27 +134,10 @@ impl Agent for AgentService {
             .containers
             .get(&req.into_inner().container_id)
             .map_err(status)?;
-        let s = crate::cgroup::stats(&c.cgroup);
-        // Only a guest-side writable layer is measured here; a plain-dir rootfs lives
-        // on the host (virtiofs share), where the host measures it far more cheaply.
-        let (bytes, inodes) = match c.rootfs_upper.clone() {
-            Some(upper) => tokio::task::spawn_blocking(move || crate::stats::disk_usage(&upper))
-                .await
-                .unwrap_or((0, 0)),
-            None => (0, 0),
-        };
-        Ok(Response::new(pb::ContainerStatsResponse {
-            timestamp_unix_ns: crate::clock::unix_ns() as u64,
-            cpu_usage_usec: s.cpu_usage_usec,
-            memory_usage_bytes: s.memory_current,
-            memory_working_set_bytes: s.memory_working_set,
-            memory_rss_bytes: s.memory_anon,
-            memory_limit_bytes: s.memory_max,
-            pids_current: s.pids_current,
-            oom_events: s.oom_kills,
-            rootfs_used_bytes: bytes,
-            rootfs_inodes_used: inodes,
-        }))
+        let stats = tokio::task::spawn_blocking(move || crate::podstats::container(&c))
+            .await
+            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+        Ok(Response::new(stats))
     }
 
     async fn list_containers(&self, _: Request<pb::Empty>) -> Reply<pb::ListContainersResponse> {
@@ -319,6 +302,14 @@ impl Agent for AgentService {
             cpu_usage_usec: g.cpu_usage_usec,
             uptime_ms: g.uptime_ms,
         }))
+    }
+
+    async fn pod_stats(&self, _: Request<pb::Empty>) -> Reply<pb::PodStatsResponse> {
+        let containers = self.containers.list();
+        let stats = tokio::task::spawn_blocking(move || crate::podstats::sample(&containers))
+            .await
+            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+        Ok(Response::new(stats))
     }
 
     type PortForwardStream = BoxStream<pb::PortForwardData>;

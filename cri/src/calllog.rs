@@ -70,6 +70,7 @@ where
                         .map(tonic::Code::from_i32)
                         .unwrap_or(tonic::Code::Ok);
                     log_call(&method, latency_ms, code, resp.headers());
+                    crate::metrics::get().cri_call(&method, code, start.elapsed());
                 }
                 Err(e) => {
                     tracing::warn!(method = %method, latency_ms, error = %e, "CRI call failed in transport")

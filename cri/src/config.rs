@@ -39,6 +39,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub network: NetworkConfig,
     pub guest: GuestConfig,
+    pub metrics: MetricsConfig,
     /// One entry per RuntimeClass handler; `default` always exists.
     pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
 }
@@ -67,6 +68,14 @@ pub struct ImageConfig {
 pub struct NetworkConfig {
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dirs: Vec<PathBuf>,
+}
+
+/// vesseld's Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on (plain HTTP); empty: no endpoint.
+    pub address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +123,7 @@ impl Default for Config {
             image: ImageConfig::default(),
             network: NetworkConfig::default(),
             guest: GuestConfig::default(),
+            metrics: MetricsConfig::default(),
             runtimes: BTreeMap::from([(
                 DEFAULT_HANDLER.to_owned(),
                 RuntimeHandlerConfig::default(),
@@ -443,6 +453,12 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     }
     if c.image.download_rate_window_s == 0 {
         return err("image.download_rate_window_s", "must be at least 1");
+    }
+    if !c.metrics.address.is_empty() && c.metrics.address.parse::<std::net::SocketAddr>().is_err() {
+        return err(
+            "metrics.address",
+            "must be an IP address and port such as \"127.0.0.1:9300\", or empty for no endpoint",
+        );
     }
     if c.image.max_concurrent_downloads == 0 {
         return err("image.max_concurrent_downloads", "must be at least 1");

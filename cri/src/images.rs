@@ -159,6 +159,7 @@ impl ImageService for ImageSvc {
         let pulled = tokio::spawn(async move { store.pull(&r, &auth).await })
             .await
             .map_err(|e| Status::internal(format!("pull task failed: {e}")))?;
+        crate::metrics::get().image_pull(started.elapsed(), pulled.is_ok());
         match pulled {
             Ok(image) => {
                 tracing::info!(

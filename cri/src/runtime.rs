@@ -1,5 +1,5 @@
-//! CRI RuntimeService: the gRPC edge over [`Engine`]. Streaming, stats and events
-//! return Unimplemented naming the issue that brings them.
+//! CRI RuntimeService: the gRPC edge over [`Engine`]. Streaming returns
+//! Unimplemented naming the issue that brings it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,15 +25,24 @@ pub struct RuntimeSvc {
     engine: Arc<Engine>,
     /// From the kubelet's UpdateRuntimeConfig.
     pod_cidr: std::sync::Mutex<String>,
+    stats: Arc<crate::stats::Stats>,
+    events: crate::events::EventBus,
 }
 
 impl RuntimeSvc {
     pub fn new(config: Arc<Config>, images: ImageStore, engine: Arc<Engine>) -> Self {
+        let events = crate::events::EventBus::default();
+        let bus = events.clone();
+        engine.store.observe(Arc::new(move |change, pod, ctrs| {
+            bus.publish_change(change, pod, ctrs)
+        }));
         RuntimeSvc {
             config,
             images,
+            stats: Arc::new(crate::stats::Stats::new(engine.clone())),
             engine,
             pod_cidr: std::sync::Mutex::default(),
+            events,
         }
     }
 
@@ -55,8 +64,6 @@ impl RuntimeSvc {
 
 /// Issues that bring the RPCs this foundation does not serve yet.
 const ISSUE_STREAMING: &str = "streaming (exec/attach/port-forward), not yet filed";
-const ISSUE_STATS: &str = "stats and metrics, not yet filed";
-const ISSUE_EVENTS: &str = "container events, not yet filed";
 const ISSUE_CHECKPOINT: &str = "none planned (checkpointing is out of scope)";
 
 fn not_yet<T>(rpc: &str, issue: &str) -> Result<Response<T>, Status> {
@@ -343,44 +350,52 @@ impl RuntimeService for RuntimeSvc {
 
     async fn container_stats(
         &self,
-        _req: Request<cri::ContainerStatsRequest>,
+        req: Request<cri::ContainerStatsRequest>,
     ) -> R<cri::ContainerStatsResponse> {
-        not_yet("ContainerStats", ISSUE_STATS)
+        Ok(Response::new(
+            self.stats.container_stats(req.into_inner()).await?,
+        ))
     }
 
     async fn list_container_stats(
         &self,
-        _req: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> R<cri::ListContainerStatsResponse> {
-        not_yet("ListContainerStats", ISSUE_STATS)
+        Ok(Response::new(
+            self.stats.list_container_stats(req.into_inner()).await?,
+        ))
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _req: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> R<cri::PodSandboxStatsResponse> {
-        not_yet("PodSandboxStats", ISSUE_STATS)
+        Ok(Response::new(
+            self.stats.pod_sandbox_stats(req.into_inner()).await?,
+        ))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> R<cri::ListPodSandboxStatsResponse> {
-        not_yet("ListPodSandboxStats", ISSUE_STATS)
+        Ok(Response::new(
+            self.stats.list_pod_sandbox_stats(req.into_inner()).await?,
+        ))
     }
 
     async fn list_metric_descriptors(
         &self,
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> R<cri::ListMetricDescriptorsResponse> {
-        not_yet("ListMetricDescriptors", ISSUE_STATS)
+        Ok(Response::new(self.stats.list_metric_descriptors()))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> R<cri::ListPodSandboxMetricsResponse> {
-        not_yet("ListPodSandboxMetrics", ISSUE_STATS)
+        Ok(Response::new(self.stats.list_pod_sandbox_metrics().await?))
     }
 
     async fn checkpoint_container(
@@ -390,13 +405,12 @@ impl RuntimeService for RuntimeSvc {
         not_yet("CheckpointContainer", ISSUE_CHECKPOINT)
     }
 
-    type GetContainerEventsStream =
-        tokio_stream::Empty<Result<cri::ContainerEventResponse, Status>>;
+    type GetContainerEventsStream = crate::events::EventStream;
 
     async fn get_container_events(
         &self,
         _req: Request<cri::GetEventsRequest>,
     ) -> R<Self::GetContainerEventsStream> {
-        not_yet("GetContainerEvents", ISSUE_EVENTS)
+        Ok(Response::new(self.events.subscribe()))
     }
 }

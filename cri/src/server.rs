@@ -77,6 +77,21 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
             .map(|c| format!("container {} ({}) of pod {}", c.id, c.name, c.pod_id))
     });
 
+    crate::metrics::get().set_image_store(store.clone());
+    let metrics = crate::metrics::get().clone();
+    engine.store.observe(Arc::new(move |change, pod, ctrs| {
+        metrics.observe_change(change, pod, ctrs)
+    }));
+    if !config.metrics.address.is_empty() {
+        // Validated at load: a socket address.
+        let addr = config.metrics.address.parse().context("metrics.address")?;
+        let listener = crate::metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on metrics.address {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener));
+    }
+
     let shutdown = shutdown_signal();
     tokio::spawn(reloader.start((*config).clone()));
     // The socket is bound and accepting: connections queue until serve() below takes

@@ -178,11 +178,32 @@ struct Inner {
     container_names: HashMap<String, String>,
 }
 
+/// A committed change of a record: `old` is None for an add, `new` None for a removal.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Pod {
+        old: Option<&'a PodRecord>,
+        new: Option<&'a PodRecord>,
+    },
+    Container {
+        old: Option<&'a ContainerRecord>,
+        new: Option<&'a ContainerRecord>,
+    },
+}
+
+/// What an observer sees of a change: the change, then the pod it concerns (as it
+/// is now, or as it was for a removed pod) and that pod's containers now.
+pub type ChangeHook =
+    Arc<dyn Fn(Change<'_>, Option<&PodRecord>, &[&ContainerRecord]) + Send + Sync>;
+
 /// The pod and container records. Cheap to clone.
 #[derive(Clone)]
 pub struct StateStore {
     db: Arc<Database>,
     inner: Arc<Mutex<Inner>>,
+    /// Observers of committed changes (events, metrics). Called with the store locked,
+    /// so they see changes in commit order; they must be quick and not call back.
+    hooks: Arc<Mutex<Vec<ChangeHook>>>,
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(id: &str, raw: &[u8]) -> Result<T, StoreError> {
@@ -224,7 +245,34 @@ impl StateStore {
         Ok(StateStore {
             db,
             inner: Arc::new(Mutex::new(inner)),
+            hooks: Arc::default(),
         })
+    }
+
+    /// Adds an observer of every later committed change.
+    pub fn observe(&self, hook: ChangeHook) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    /// Tells the observers of `change` to the pod `pod_id` (`gone` when it is removed).
+    fn notify(&self, inner: &Inner, change: Change<'_>, pod_id: &str, gone: Option<&PodRecord>) {
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if hooks.is_empty() {
+            return;
+        }
+        let pod = gone.or_else(|| inner.pods.get(pod_id));
+        let mut containers: Vec<&ContainerRecord> = inner
+            .containers
+            .values()
+            .filter(|c| c.pod_id == pod_id)
+            .collect();
+        containers.sort_by_key(|c| c.created_at_ns);
+        for hook in hooks.iter() {
+            hook(change, pod, &containers);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -270,7 +318,12 @@ impl StateStore {
         }
         self.put(PODS, &pod.id, &pod)?;
         inner.pod_names.insert(key, pod.id.clone());
-        inner.pods.insert(pod.id.clone(), pod);
+        inner.pods.insert(pod.id.clone(), pod.clone());
+        let change = Change::Pod {
+            old: None,
+            new: Some(&pod),
+        };
+        self.notify(&inner, change, &pod.id, None);
         Ok(())
     }
 
@@ -289,9 +342,15 @@ impl StateStore {
                 kind: "pod sandbox",
                 id: id.to_owned(),
             })?;
+        let old = pod.clone();
         f(&mut pod);
         self.put(PODS, id, &pod)?;
         inner.pods.insert(id.to_owned(), pod.clone());
+        let change = Change::Pod {
+            old: Some(&old),
+            new: Some(&pod),
+        };
+        self.notify(&inner, change, id, None);
         Ok(pod)
     }
 
@@ -309,6 +368,11 @@ impl StateStore {
             &pod.uid,
             pod.attempt,
         ));
+        let change = Change::Pod {
+            old: Some(&pod),
+            new: None,
+        };
+        self.notify(&inner, change, id, Some(&pod));
         Ok(())
     }
 
@@ -344,7 +408,12 @@ impl StateStore {
         }
         self.put(CONTAINERS, &c.id, &c)?;
         inner.container_names.insert(key, c.id.clone());
-        inner.containers.insert(c.id.clone(), c);
+        inner.containers.insert(c.id.clone(), c.clone());
+        let change = Change::Container {
+            old: None,
+            new: Some(&c),
+        };
+        self.notify(&inner, change, &c.pod_id, None);
         Ok(())
     }
 
@@ -375,6 +444,11 @@ impl StateStore {
         }
         self.put(CONTAINERS, id, &c)?;
         inner.containers.insert(id.to_owned(), c.clone());
+        let change = Change::Container {
+            old: Some(&old),
+            new: Some(&c),
+        };
+        self.notify(&inner, change, &c.pod_id, None);
         Ok(c)
     }
 
@@ -388,6 +462,11 @@ impl StateStore {
         inner
             .container_names
             .remove(&container_name_key(&c.pod_id, &c.name, c.attempt));
+        let change = Change::Container {
+            old: Some(&c),
+            new: None,
+        };
+        self.notify(&inner, change, &c.pod_id, None);
         Ok(())
     }
 
@@ -445,10 +524,10 @@ fn resolve<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn db(dir: &std::path::Path) -> Arc<Database> {
+    pub(crate) fn db(dir: &std::path::Path) -> Arc<Database> {
         Arc::new(Database::create(dir.join("state.redb")).unwrap())
     }
 
@@ -470,7 +549,7 @@ mod tests {
         }
     }
 
-    fn ctr(id: &str, pod_id: &str, name: &str, attempt: u32) -> ContainerRecord {
+    pub(crate) fn ctr(id: &str, pod_id: &str, name: &str, attempt: u32) -> ContainerRecord {
         ContainerRecord {
             id: id.into(),
             pod_id: pod_id.into(),

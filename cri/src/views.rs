@@ -21,7 +21,7 @@ fn container_state(s: ContainerState) -> i32 {
     }
 }
 
-fn pod_meta(p: &PodRecord) -> cri::PodSandboxMetadata {
+pub fn pod_meta(p: &PodRecord) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
         name: p.name.clone(),
         uid: p.uid.clone(),
@@ -30,7 +30,7 @@ fn pod_meta(p: &PodRecord) -> cri::PodSandboxMetadata {
     }
 }
 
-fn labels_match(
+pub fn labels_match(
     have: &std::collections::BTreeMap<String, String>,
     want: &std::collections::HashMap<String, String>,
 ) -> bool {
@@ -115,7 +115,7 @@ pub fn pod_matches(p: &PodRecord, f: Option<&cri::PodSandboxFilter>) -> bool {
     labels_match(&p.labels, &f.label_selector)
 }
 
-fn container_meta(c: &ContainerRecord) -> cri::ContainerMetadata {
+pub fn container_meta(c: &ContainerRecord) -> cri::ContainerMetadata {
     cri::ContainerMetadata {
         name: c.name.clone(),
         attempt: c.attempt,

@@ -74,6 +74,14 @@ impl AgentClient {
         }
     }
 
+    /// The pod's stats in one round trip, within `limit` (stats callers poll and
+    /// would rather serve a stale sample than wait the default call timeout).
+    pub async fn pod_stats(&self, limit: Duration) -> Result<pb::PodStatsResponse> {
+        let mut c = self.raw();
+        self.timed("PodStats", limit, c.pod_stats(pb::Empty {}))
+            .await
+    }
+
     /// Health, with the default call timeout.
     pub async fn health(&self) -> Result<pb::HealthResponse> {
         self.health_within(self.call_timeout).await
