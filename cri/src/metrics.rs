@@ -289,6 +289,8 @@ pub async fn serve(listener: tokio::net::TcpListener) {
             // A scraper that stalls holds only its own connection task.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
+                // `printf req | nc` shuts its sending side before the answer comes.
+                .half_close(true)
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(io, service);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(60), conn).await {
