@@ -51,13 +51,20 @@ impl PodSample {
 struct Entry {
     latest: Option<Arc<PodSample>>,
     failed_at: Option<Instant>,
+    /// The pod's containers (vesseld's view) when `latest` was taken.
+    known: HashSet<String>,
 }
 
 impl Entry {
     /// What to answer without asking the agent: Some(fresh sample), or Some(last
     /// sample, maybe none) while a failed pod waits out [`RETRY_AFTER`]; None: sample.
-    fn cached(&self, now: Instant) -> Option<Option<Arc<PodSample>>> {
+    /// A container created since the last sample makes it stale (a caller asking for
+    /// a new container's stats gets them at once).
+    fn cached(&self, now: Instant, known: &HashSet<String>) -> Option<Option<Arc<PodSample>>> {
         let age = |t: Instant| now.saturating_duration_since(t);
+        if self.failed_at.is_none() && !known.is_subset(&self.known) {
+            return None;
+        }
         if let Some(l) = self.latest.as_ref().filter(|l| age(l.at) < MAX_AGE) {
             return Some(Some(l.clone()));
         }
@@ -97,7 +104,14 @@ impl Stats {
         let live = self.engine.live_pod(pod_id)?;
         let entry = self.entry(pod_id);
         let mut e = entry.lock().await;
-        if let Some(cached) = e.cached(Instant::now()) {
+        let known: HashSet<String> = self
+            .engine
+            .store
+            .containers_of(pod_id)
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        if let Some(cached) = e.cached(Instant::now(), &known) {
             return cached;
         }
         let pod = self.engine.store.pod(pod_id).ok()?;
@@ -106,13 +120,6 @@ impl Stats {
             .as_ref()
             .map(|v| (v.vcpus, v.memory_mib.saturating_mul(1 << 20)))
             .unwrap_or((1, 0));
-        let known: HashSet<String> = self
-            .engine
-            .store
-            .containers_of(pod_id)
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
 
         let started = Instant::now();
         let reply = live.vm.agent().pod_stats(AGENT_LIMIT).await;
@@ -141,6 +148,7 @@ impl Stats {
         let sample = Arc::new(rate(e.latest.as_deref(), at, guest, host, vcpus));
         crate::metrics::get().vm_overhead(pod_id, &sample.host);
         e.latest = Some(sample.clone());
+        e.known = known;
         Some(sample)
     }
 
@@ -239,24 +247,36 @@ mod tests {
     fn cache_serves_young_samples_and_backs_off_after_failures() {
         let t0 = Instant::now();
         let sample = Arc::new(rate(None, t0, Some(guest(0)), HostUsage::default(), 1));
+        let c: HashSet<String> = ["c".to_owned()].into();
         let mut e = Entry::default();
-        assert!(e.cached(t0).is_none(), "nothing cached: sample");
+        assert!(e.cached(t0, &c).is_none(), "nothing cached: sample");
         e.latest = Some(sample.clone());
-        let hit = e.cached(t0 + MAX_AGE / 2).expect("fresh");
+        e.known = c.clone();
+        let hit = e.cached(t0 + MAX_AGE / 2, &c).expect("fresh");
         assert!(Arc::ptr_eq(&hit.unwrap(), &sample));
-        assert!(e.cached(t0 + MAX_AGE).is_none(), "stale: sample again");
+        assert!(e.cached(t0 + MAX_AGE, &c).is_none(), "stale: sample again");
+        let new: HashSet<String> = ["c".to_owned(), "d".to_owned()].into();
+        assert!(
+            e.cached(t0, &new).is_none(),
+            "a new container: sample again"
+        );
+        assert!(
+            e.cached(t0, &HashSet::new()).is_some(),
+            "a removed one is fine"
+        );
         // The agent failed at t0 + MAX_AGE: the old sample is served until RETRY_AFTER.
         e.failed_at = Some(t0 + MAX_AGE);
         let served = e
-            .cached(t0 + MAX_AGE + RETRY_AFTER / 2)
+            .cached(t0 + MAX_AGE + RETRY_AFTER / 2, &new)
             .expect("backing off");
         assert!(Arc::ptr_eq(&served.unwrap(), &sample));
-        assert!(e.cached(t0 + MAX_AGE + RETRY_AFTER).is_none(), "retry");
+        assert!(e.cached(t0 + MAX_AGE + RETRY_AFTER, &c).is_none(), "retry");
         let none = Entry {
             latest: None,
             failed_at: Some(t0),
+            known: HashSet::new(),
         };
-        assert_eq!(none.cached(t0).map(|s| s.is_none()), Some(true));
+        assert_eq!(none.cached(t0, &c).map(|s| s.is_none()), Some(true));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Options {
     pub quick: bool,
     /// Compare the pull with containerd's `ctr` (installing Debian's containerd).
     pub peer: bool,
+    /// Only the stats rows (row 9).
+    pub stats_only: bool,
     /// Where vmlinux and initrd.img are.
     pub guest_dir: PathBuf,
 }

@@ -119,6 +119,9 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
         table,
     };
 
+    if opts.stats_only {
+        return stats_phase(&env).await.context("stats");
+    }
     floor_row(&env).await.context("floor")?;
     pods_without_network(&env)
         .await
@@ -128,6 +131,7 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
         .context("RunPodSandbox with CNI")?;
     containers_and_channel(&env).await.context("containers")?;
     parallel_pods(&env).await.context("parallel pods")?;
+    stats_phase(&env).await.context("stats")?;
     pull(&env, opts.peer).await.context("image pull")?;
     Ok(())
 }
@@ -442,6 +446,90 @@ async fn parallel_pods(env: &Env) -> anyhow::Result<()> {
     pods::remove_all_pods(&mut c).await;
     drop(c);
     drop(d);
+    Ok(())
+}
+
+/// Row 9: `plan.parallel` pods started at once, then [`stats_rows`].
+async fn stats_phase(env: &Env) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    let logs = env.work.join("logs");
+    let started = futures::future::join_all((0..env.plan.parallel).map(|i| {
+        let mut c = c.clone();
+        let config = pods::pod_config(&format!("stats-{i}"), &logs);
+        async move { pods::run_pod(&mut c, config).await }
+    }))
+    .await;
+    let mut ids = Vec::new();
+    for r in started {
+        ids.push(r?.0);
+    }
+    let measured = stats_rows(env, &c, &ids).await;
+    pods::remove_all_pods(&mut c).await;
+    drop(c);
+    drop(d);
+    measured
+}
+
+/// Containers per pod in the stats rows.
+const STATS_CONTAINERS: usize = 3;
+
+/// ListContainerStats over `pods` with [`STATS_CONTAINERS`] running containers
+/// each: with fresh samples (vesseld's cache expired: one agent round trip per
+/// pod, all at once) and served from the cache.
+async fn stats_rows(env: &Env, c: &CriClient, pods: &[String]) -> anyhow::Result<()> {
+    let logs = env.work.join("logs");
+    // The configs the pods were started with (stats_phase).
+    let started = futures::future::join_all(pods.iter().enumerate().map(|(i, pod)| {
+        let mut c = c.clone();
+        let config = pods::pod_config(&format!("stats-{i}"), &logs);
+        let image = env.busybox.clone();
+        async move {
+            for i in 0..STATS_CONTAINERS {
+                let cfg = pods::sleeper_config(&format!("stats-{i}"), &image);
+                pods::create_and_start(&mut c, pod, &config, cfg).await?;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await;
+    for r in started {
+        r?;
+    }
+    let want = pods.len() * STATS_CONTAINERS;
+    let mut c = c.clone();
+    let (mut fresh, mut cached) = (Samples::new(), Samples::new());
+    for _ in 0..env.plan.execs {
+        // Past vesseld's 1 s stats cache.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for samples in [&mut fresh, &mut cached] {
+            let t = Instant::now();
+            let stats = c
+                .runtime
+                .list_container_stats(k8s_cri::v1::ListContainerStatsRequest::default())
+                .await
+                .context("ListContainerStats")?
+                .into_inner()
+                .stats;
+            samples.push_duration(t.elapsed());
+            let with_cpu = stats.iter().filter(|s| s.cpu.is_some()).count();
+            if with_cpu < want {
+                bail!("ListContainerStats: {with_cpu} of {want} containers have stats");
+            }
+        }
+    }
+    let what = format!("{} pods × {STATS_CONTAINERS} containers", pods.len());
+    env.add(
+        &format!("9. ListContainerStats, {what}, fresh"),
+        Unit::Millis,
+        fresh,
+        "one PodStats round trip per pod, in parallel",
+    );
+    env.add(
+        &format!("9. ListContainerStats, {what}, cached"),
+        Unit::Millis,
+        cached,
+        "within the 1 s sample cache",
+    );
     Ok(())
 }
 
