@@ -26,6 +26,9 @@ const AGENT_LIMIT: Duration = Duration::from_secs(2);
 /// would otherwise cost every caller [`AGENT_LIMIT`]).
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
+/// The memory bound of a VM whose size is not recorded yet (1 TiB).
+const UNKNOWN_VM_MEMORY: u64 = 1 << 40;
+
 /// One pod's numbers at one instant.
 #[derive(Debug, Clone)]
 pub struct PodSample {
@@ -119,7 +122,8 @@ impl Stats {
             .vm
             .as_ref()
             .map(|v| (v.vcpus, v.memory_mib.saturating_mul(1 << 20)))
-            .unwrap_or((1, 0));
+            // Facts are recorded once the VM answered; until then a loose bound.
+            .unwrap_or((1, UNKNOWN_VM_MEMORY));
 
         let started = Instant::now();
         let reply = live.vm.agent().pod_stats(AGENT_LIMIT).await;
