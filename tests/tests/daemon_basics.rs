@@ -91,11 +91,13 @@ async fn version_status_and_runtime_config() {
     );
     let e = c
         .runtime
-        .container_stats(cri::ContainerStatsRequest::default())
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: "nosuch".into(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("ContainerStats"), "{}", e.message());
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nosuch"), "{}", e.message());
 
     // Calls are logged at debug with method and latency.
     let log = d.log();
