@@ -14,6 +14,7 @@ mod logfile;
 mod logging;
 mod logpump;
 mod oci;
+mod outcursor;
 mod passwd;
 mod podnet;
 mod pods;
