@@ -117,7 +117,7 @@ impl RuntimeService for RuntimeSvc {
             info,
             runtime_handlers,
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }))
     }
