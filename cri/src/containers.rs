@@ -199,6 +199,7 @@ impl Engine {
                     "mount needs both host_path and container_path",
                 ));
             }
+            crate::validate::mount(m).map_err(|e| crate::status::invalid_input_status(&e))?;
             let host = Path::new(&m.host_path);
             if !host.exists() {
                 return Err(Status::invalid_argument(format!(
@@ -208,7 +209,7 @@ impl Engine {
             }
             let rel = live
                 .share
-                .bind_volume(id, i, host, m.readonly)
+                .bind_volume(id, i, host, m.readonly, m.recursive_read_only)
                 .map_err(|e| Status::internal(format!("volume {}: {e}", m.host_path)))?;
             mounts.push(GuestMount {
                 destination: m.container_path.clone(),

@@ -107,7 +107,7 @@ impl RuntimeService for RuntimeSvc {
             .map(|name| cri::RuntimeHandler {
                 name: name.clone(),
                 features: Some(cri::RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: false,
+                    recursive_read_only_mounts: true,
                     user_namespaces: false,
                 }),
             })
