@@ -214,7 +214,11 @@ impl Engine {
             mounts.push(GuestMount {
                 destination: m.container_path.clone(),
                 source: format!("{GUEST_SHARE_DIR}/{rel}"),
-                readonly: m.readonly,
+                // The host bind is read-only already. A read-only bind in the guest
+                // too would also make the submounts the guest automounts below it
+                // read-only, which a non-recursive read-only volume must not do.
+                readonly: m.readonly
+                    && (m.recursive_read_only || !vessel_storage::sharedir::has_submounts(host)),
             });
         }
         let pod_files = [

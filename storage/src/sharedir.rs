@@ -183,6 +183,14 @@ fn detach_entries(dir: &Path) -> Result<(), StorageError> {
 }
 
 /// Mount points at or under `dir`, from /proc/self/mountinfo.
+/// Whether a filesystem is mounted somewhere below `path` (not at it). A guest
+/// automounts such a submount (virtiofs announces it) on first use with the flags of
+/// the mount it crosses, so a read-only bind in the guest makes it read-only too.
+pub fn has_submounts(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    mounts_under(&path).iter().any(|m| Path::new(m) != path)
+}
+
 fn mounts_under(dir: &Path) -> Vec<String> {
     let prefix = dir.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -527,6 +535,8 @@ mod tests {
             None,
         )
         .unwrap();
+        assert!(!has_submounts(&vol.join("tmpfs")));
+        assert!(has_submounts(&vol));
         let top = share.bind_volume("c1", 0, &vol, true, false).unwrap();
         let all = share.bind_volume("c1", 1, &vol, true, true).unwrap();
         assert!(!writable_from_slave_ns(&export.join(&top).join("top")));
