@@ -171,7 +171,6 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
             }),
         image_id: c.image_id.clone(),
         user: container_user(&c.process_json),
-        ..Default::default()
     }
 }
 
