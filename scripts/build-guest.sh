@@ -21,6 +21,19 @@ MODULES=(
   vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
   fuse virtiofs overlay erofs
 )
+# Shipped but loaded only on demand (the kernel's request_module runs /sbin/modprobe,
+# which is the agent): what a node's kernel offers a privileged container (bridges,
+# veths, iptables legacy and nft with nat, conntrack, REDIRECT and TPROXY). One not in
+# this kernel is skipped.
+ONDEMAND_MODULES=(
+  bridge veth br_netfilter
+  nfnetlink nf_tables nft_chain_nat nft_nat nft_ct nft_masq nft_redir nft_tproxy
+  nft_compat nft_reject_inet nft_fib_inet nf_conntrack nf_nat nf_tproxy_ipv4
+  nf_tproxy_ipv6 x_tables ip_tables ip6_tables iptable_nat iptable_filter
+  iptable_mangle iptable_raw ip6table_nat ip6table_filter ip6table_mangle ip6table_raw
+  xt_REDIRECT xt_TPROXY xt_conntrack xt_MASQUERADE xt_nat xt_mark xt_comment
+  xt_socket xt_addrtype xt_multiport xt_tcpudp xt_owner ipt_REJECT ip6t_REJECT
+)
 
 log() { echo "build-guest: $*" >&2; }
 
@@ -117,6 +130,16 @@ for m in "${MODULES[@]}"; do
   [ -n "$line" ] || { log "module $m not found"; exit 1; }
   for f in ${line/:/}; do picked[$f]=1; done
 done
+declare -A boot=()
+for f in "${!picked[@]}"; do boot[$f]=1; done
+for m in "${ONDEMAND_MODULES[@]}"; do
+  if grep -qE "/$m\.ko(\.[a-z]+)?$" "$mods/modules.builtin"; then
+    continue
+  fi
+  line=$(grep -E "(^|/)$m\.ko(\.[a-z]+)?:" "$mods/modules.dep" || true)
+  [ -n "$line" ] || { log "on-demand module $m not in this kernel; skipped"; continue; }
+  for f in ${line/:/}; do picked[$f]=1; done
+done
 for f in "${!picked[@]}"; do
   dst="$root/lib/modules/$kver/${f%.xz}"
   dst=${dst%.zst}
@@ -129,14 +152,22 @@ for f in "${!picked[@]}"; do
 done
 cp "$mods/modules.builtin" "$mods/modules.builtin.modinfo" "$mods/modules.order" "$root/lib/modules/$kver/"
 depmod -b "$root" "$kver"
-# Keep only what the agent reads: modules.dep (text) and the .ko files.
-find "$root/lib/modules/$kver" -maxdepth 1 -type f ! -name modules.dep ! -name modules.builtin -delete
+# What is not needed at boot is loaded on demand only.
+for f in "${!picked[@]}"; do
+  [ -n "${boot[$f]:-}" ] && continue
+  f=${f%.xz}
+  echo "${f%.zst}"
+done | LC_ALL=C sort >"$root/lib/modules/$kver/modules.ondemand"
+# Keep only what the agent reads: modules.dep, modules.alias (text) and the .ko files.
+find "$root/lib/modules/$kver" -maxdepth 1 -type f ! -name modules.dep ! -name modules.builtin \
+  ! -name modules.alias ! -name modules.ondemand -delete
 
 # --- 6. the rest of the root: /init and empty mount points
 # Stripped: a smaller initrd unpacks faster at boot.
 strip -o "$root/init" "$agent"
 chmod 0755 "$root/init"
-for d in dev proc sys tmp run etc; do mkdir -p "$root/$d"; done
+for d in dev proc sys tmp run etc sbin; do mkdir -p "$root/$d"; done
+ln -s /init "$root/sbin/modprobe"
 chmod 1777 "$root/tmp"
 
 # --- 7. reproducible newc cpio (uncompressed: TCG boots it faster than unpacking)

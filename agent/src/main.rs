@@ -26,6 +26,13 @@ mod vsock_io;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The kernel's modprobe (/sbin/modprobe links to the agent in the initramfs).
+    if std::env::args()
+        .next()
+        .is_some_and(|a| a.rsplit('/').next() == Some("modprobe"))
+    {
+        std::process::exit(modules::modprobe_main(&args));
+    }
     if args.first().map(String::as_str) == Some(oci::HELPER_ARG) {
         std::process::exit(oci::helper_main(&args[1..]));
     }

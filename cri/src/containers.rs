@@ -199,6 +199,7 @@ impl Engine {
                     "mount needs both host_path and container_path",
                 ));
             }
+            crate::validate::mount(m).map_err(|e| crate::status::invalid_input_status(&e))?;
             let host = Path::new(&m.host_path);
             if !host.exists() {
                 return Err(Status::invalid_argument(format!(
@@ -208,12 +209,16 @@ impl Engine {
             }
             let rel = live
                 .share
-                .bind_volume(id, i, host, m.readonly)
+                .bind_volume(id, i, host, m.readonly, m.recursive_read_only)
                 .map_err(|e| Status::internal(format!("volume {}: {e}", m.host_path)))?;
             mounts.push(GuestMount {
                 destination: m.container_path.clone(),
                 source: format!("{GUEST_SHARE_DIR}/{rel}"),
-                readonly: m.readonly,
+                // The host bind is read-only already. A read-only bind in the guest
+                // too would also make the submounts the guest automounts below it
+                // read-only, which a non-recursive read-only volume must not do.
+                readonly: m.readonly
+                    && (m.recursive_read_only || !vessel_storage::sharedir::has_submounts(host)),
             });
         }
         let pod_files = [

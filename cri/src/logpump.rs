@@ -22,7 +22,8 @@ use tokio::task::JoinHandle;
 use vessel_proto::agent as pb;
 use vessel_sandbox::AgentClient;
 
-use crate::crilog::{CriLog, LineSplitter, Stream, Tag};
+use crate::crilog::{CriLog, Stream, Tag};
+use crate::outcursor::OutputCursor;
 use crate::pods::{now_ns, Engine, LiveCtr, LivePod};
 use crate::store::{ContainerState, StoreError};
 
@@ -170,13 +171,7 @@ impl Engine {
                 let res = store.update_container(&id, |c| {
                     c.state = ContainerState::Exited;
                     c.exit_code = s.exit_code;
-                    // The guest clock is not the host's: only its durations count.
-                    let ran = s.exited_at_unix_ns - s.started_at_unix_ns;
-                    c.finished_at_ns = if s.started_at_unix_ns > 0 && ran >= 0 {
-                        c.started_at_ns + ran
-                    } else {
-                        now_ns()
-                    };
+                    c.finished_at_ns = finished_at(c.started_at_ns, &s, now_ns());
                     c.reason = if s.oom_killed {
                         "OOMKilled"
                     } else if s.exit_code == 0 {
@@ -200,12 +195,18 @@ impl Engine {
     }
 }
 
-/// Bytes of the stream that a batch of entries accounts for.
-fn consumed(entries: &[(Tag, Vec<u8>)]) -> u64 {
-    entries
-        .iter()
-        .map(|(tag, msg)| msg.len() as u64 + u64::from(*tag == Tag::Full))
-        .sum()
+/// When a container finished, on the host clock: its host start plus how long the
+/// guest says it ran (the guest clock is not the host's: only its durations count).
+/// The guest's numbers are its own to choose, so the result is never past `now`, and
+/// `now` stands in for times that make no sense.
+fn finished_at(host_started_ns: i64, status: &pb::WaitProcessResponse, now: i64) -> i64 {
+    let ran = status
+        .exited_at_unix_ns
+        .checked_sub(status.started_at_unix_ns)
+        .filter(|ran| status.started_at_unix_ns > 0 && *ran >= 0);
+    ran.and_then(|ran| host_started_ns.checked_add(ran))
+        .filter(|t| *t <= now)
+        .unwrap_or(now)
 }
 
 fn gone(e: &vessel_sandbox::Error) -> bool {
@@ -299,38 +300,39 @@ impl Pump {
         failures: &mut u32,
     ) -> End {
         // Bytes not yet in the log (an unfinished line) are read again after a
-        // reopen, so every stream starts with an empty splitter at `*done`.
-        let mut lines = LineSplitter::default();
-        let mut next = *done;
+        // reopen, so every stream starts with an empty cursor at `*done`.
+        let mut cursor = OutputCursor::new(*done);
         loop {
             match s.message().await {
                 Ok(Some(chunk)) => {
                     *failures = 0;
-                    let mut data = chunk.data.as_slice();
-                    if chunk.offset > next {
+                    let fed = match cursor.feed(chunk.offset, &chunk.data) {
+                        Ok(fed) => fed,
+                        Err(e) => {
+                            // Only a broken or hostile agent sends this; reopening
+                            // from the stored offset is all that can be done.
+                            tracing::warn!(container = %self.id, which = ?self.which, "{e}");
+                            return End::Broken;
+                        }
+                    };
+                    if fed.lost > 0 {
                         // The agent no longer has these bytes; nothing brings them back.
                         tracing::warn!(container = %self.id, which = ?self.which,
-                            lost = chunk.offset - next, "output bytes were lost");
-                        if let Some(last) = lines.finish() {
-                            self.persist(vec![last], None, None).await;
-                        }
-                        *done = chunk.offset;
-                        next = chunk.offset;
+                            lost = fed.lost, "output bytes were lost");
                     }
-                    let skip = (next - chunk.offset).min(data.len() as u64) as usize;
-                    data = &data[skip..];
-                    next += data.len() as u64;
-                    let entries = lines.feed(data);
-                    if !entries.is_empty() {
-                        *done += consumed(&entries);
-                        self.persist(entries, Some(*done), file).await;
+                    if let Some(cut) = fed.cut {
+                        self.persist(vec![cut], None, None).await;
+                    }
+                    *done = cursor.done();
+                    if !fed.entries.is_empty() {
+                        self.persist(fed.entries, Some(*done), file).await;
                         acked.send_replace(*done);
                     }
                 }
                 Ok(None) => {
                     // The last line has no newline: what was fed is what is logged.
-                    let last: Vec<_> = lines.finish().into_iter().collect();
-                    *done = next;
+                    let last: Vec<_> = cursor.finish().into_iter().collect();
+                    *done = cursor.done();
                     self.persist(last, Some(*done), file).await;
                     acked.send_replace(*done);
                     return End::Done;
@@ -459,11 +461,70 @@ mod tests {
 
     #[test]
     fn entries_account_for_their_bytes() {
-        let mut s = LineSplitter::default();
+        let mut s = crate::crilog::LineSplitter::default();
         let mut long = vec![b'x'; crate::crilog::MAX_LINE + 5];
         long.extend_from_slice(b"\nab\n\npart");
         let entries = s.feed(&long);
         // Everything but the unfinished "part" is in the entries.
-        assert_eq!(consumed(&entries), (long.len() - 4) as u64);
+        assert_eq!(
+            crate::outcursor::consumed(&entries),
+            (long.len() - 4) as u64
+        );
+    }
+
+    fn status(started: i64, exited: i64) -> pb::WaitProcessResponse {
+        pb::WaitProcessResponse {
+            started_at_unix_ns: started,
+            exited_at_unix_ns: exited,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn finish_times_use_guest_durations_only() {
+        assert_eq!(finished_at(1000, &status(50, 80), 5000), 1030);
+        // No guest start, negative or overflowing durations, or a finish in the
+        // future: the time the exit was seen.
+        assert_eq!(finished_at(1000, &status(0, 80), 5000), 5000);
+        assert_eq!(finished_at(1000, &status(80, 50), 5000), 5000);
+        assert_eq!(finished_at(1000, &status(1, i64::MIN), 5000), 5000);
+        assert_eq!(finished_at(1000, &status(i64::MAX, -1), 5000), 5000);
+        assert_eq!(finished_at(i64::MAX, &status(1, 2), i64::MAX), i64::MAX);
+        assert_eq!(finished_at(1000, &status(1, i64::MAX), 5000), 5000);
+    }
+
+    /// Whatever times the guest reports for an exit: no panic, never after the exit was
+    /// seen, never before the container started.
+    #[test]
+    fn fuzz_wait_status_times() {
+        let seeds: Vec<Vec<u8>> = vec![
+            [1_000i64, 50, 80, 5_000]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            [i64::MAX, i64::MIN, 1, i64::MAX]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ];
+        vessel_fuzz::fuzz("wait status times", &seeds, |data| {
+            let mut i = vessel_fuzz::Input::new(data);
+            let (host_started, started, exited, now) = (i.i64(), i.i64(), i.i64(), i.i64());
+            let t = finished_at(host_started, &status(started, exited), now);
+            assert!(t <= now, "finished at {t}, after {now}");
+            if host_started <= now {
+                assert!(t >= host_started, "finished at {t}, before {host_started}");
+            }
+            let honest = started > 0
+                && exited.checked_sub(started).is_some_and(|r| r >= 0)
+                && host_started
+                    .checked_add(exited - started)
+                    .is_some_and(|e| e <= now);
+            if honest {
+                assert_eq!(t, host_started + (exited - started));
+            } else {
+                assert_eq!(t, now);
+            }
+        });
     }
 }

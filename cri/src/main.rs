@@ -16,6 +16,7 @@ mod logging;
 mod logpump;
 mod metrics;
 mod oci;
+mod outcursor;
 mod passwd;
 mod podnet;
 mod pods;

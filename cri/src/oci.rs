@@ -278,6 +278,10 @@ pub fn user(
         if let Some(g) = &sc.run_as_group {
             resolved.gid = g.value as u32;
         }
+        // Strict: only the groups the pod spec names, none from the image's /etc/group.
+        if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
+            resolved.additional_gids.clear();
+        }
         for g in &sc.supplemental_groups {
             let g = *g as u32;
             if !resolved.additional_gids.contains(&g) {
@@ -703,6 +707,24 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 5));
+        // Merge (the default) adds the image's memberships; Strict only what is named.
+        sc(&mut c).run_as_group = None;
+        let groups = |c: &cri::ContainerConfig| {
+            let spec = build_with(c, Some(&img)).unwrap();
+            spec.process()
+                .as_ref()
+                .unwrap()
+                .user()
+                .additional_gids()
+                .clone()
+        };
+        assert_eq!(groups(&c), Some(vec![7, 42]));
+        sc(&mut c).supplemental_groups_policy = cri::SupplementalGroupsPolicy::Strict as i32;
+        assert_eq!(groups(&c), Some(vec![42]));
+        sc(&mut c).supplemental_groups.clear();
+        assert_eq!(groups(&c), None);
+        sc(&mut c).supplemental_groups_policy = 0;
+        sc(&mut c).run_as_group = Some(cri::Int64Value { value: 5 });
         sc(&mut c).run_as_username = "ghost".into();
         assert!(matches!(
             build_with(&c, Some(&img)),

@@ -107,14 +107,14 @@ impl RuntimeService for RuntimeSvc {
             });
             info.insert("imageStats".to_owned(), stats.to_string());
         }
-        let runtime_handlers = self
-            .config
-            .runtimes
-            .keys()
+        // The CRI names the default handler "" (critest looks its features up so);
+        // it is listed under its configured name too, for RuntimeClasses naming it.
+        let runtime_handlers = std::iter::once(&String::new())
+            .chain(self.config.runtimes.keys())
             .map(|name| cri::RuntimeHandler {
                 name: name.clone(),
                 features: Some(cri::RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: false,
+                    recursive_read_only_mounts: true,
                     user_namespaces: false,
                 }),
             })
@@ -124,7 +124,7 @@ impl RuntimeService for RuntimeSvc {
             info,
             runtime_handlers,
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }))
     }

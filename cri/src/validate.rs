@@ -21,6 +21,42 @@ pub enum InvalidInput {
     /// A Localhost seccomp profile that cannot be used.
     #[error("seccomp profile {path:?}: {reason}")]
     SeccompProfile { path: String, reason: String },
+    /// A mount a pod VM cannot give as asked.
+    #[error("mount of {host_path:?} at {container_path:?}: {reason}")]
+    Mount {
+        host_path: String,
+        container_path: String,
+        reason: &'static str,
+    },
+}
+
+/// Checks what a CRI mount asks for against what a pod VM can give. Bidirectional
+/// (rshared) propagation would need the container's mounts to reach the host, which
+/// no mount crosses a VM boundary to do; a recursive read-only mount must be
+/// read-only and private (as the CRI requires of every runtime).
+pub fn mount(m: &k8s_cri::v1::Mount) -> Result<(), InvalidInput> {
+    use k8s_cri::v1::MountPropagation;
+    let bad = |reason| InvalidInput::Mount {
+        host_path: m.host_path.clone(),
+        container_path: m.container_path.clone(),
+        reason,
+    };
+    let propagation = MountPropagation::try_from(m.propagation).unwrap_or_default();
+    if propagation == MountPropagation::PropagationBidirectional {
+        return Err(bad(
+            "bidirectional (rshared) propagation cannot cross the pod's VM boundary; \
+             use PROPAGATION_PRIVATE or PROPAGATION_HOST_TO_CONTAINER",
+        ));
+    }
+    if m.recursive_read_only {
+        if !m.readonly {
+            return Err(bad("recursive_read_only needs readonly to be set"));
+        }
+        if propagation != MountPropagation::PropagationPrivate {
+            return Err(bad("recursive_read_only needs PROPAGATION_PRIVATE"));
+        }
+    }
+    Ok(())
 }
 
 /// The container's log file: `log_path` under the pod's `log_directory`. Empty when
@@ -123,6 +159,37 @@ fn read_profile(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_a_vm_cannot_give_are_refused() {
+        use k8s_cri::v1::{Mount, MountPropagation as P};
+        let m = |readonly, recursive_read_only, propagation: P| Mount {
+            host_path: "/srv/data".into(),
+            container_path: "/data".into(),
+            readonly,
+            recursive_read_only,
+            propagation: propagation as i32,
+            ..Default::default()
+        };
+        assert!(mount(&m(false, false, P::PropagationPrivate)).is_ok());
+        assert!(mount(&m(true, false, P::PropagationHostToContainer)).is_ok());
+        assert!(mount(&m(true, true, P::PropagationPrivate)).is_ok());
+        for (bad, why) in [
+            (
+                m(false, false, P::PropagationBidirectional),
+                "bidirectional",
+            ),
+            (m(false, true, P::PropagationPrivate), "needs readonly"),
+            (
+                m(true, true, P::PropagationHostToContainer),
+                "PROPAGATION_PRIVATE",
+            ),
+            (m(true, true, P::PropagationBidirectional), "bidirectional"),
+        ] {
+            let e = mount(&bad).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("/srv/data"), "{e}");
+        }
+    }
 
     #[test]
     fn log_paths_stay_in_the_log_directory() {

@@ -170,8 +170,36 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 ..Default::default()
             }),
         image_id: c.image_id.clone(),
-        ..Default::default()
+        user: container_user(&c.process_json),
     }
+}
+
+/// The identity the main process started with (CRI `ContainerUser`): its uid, gid
+/// and groups, the primary one included (as `id -G` shows them).
+fn container_user(process_json: &str) -> Option<cri::ContainerUser> {
+    let process: serde_json::Value = serde_json::from_str(process_json).ok()?;
+    let user = process.get("user")?;
+    let id = |key: &str| user.get(key).and_then(serde_json::Value::as_i64);
+    let (uid, gid) = (id("uid")?, id("gid")?);
+    let mut groups = vec![gid];
+    for g in user
+        .get("additionalGids")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_i64)
+    {
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    Some(cri::ContainerUser {
+        linux: Some(cri::LinuxContainerUser {
+            uid,
+            gid,
+            supplemental_groups: groups,
+        }),
+    })
 }
 
 /// The verbose `info` of ContainerStatus.
@@ -204,6 +232,18 @@ pub fn container_matches(c: &ContainerRecord, f: Option<&cri::ContainerFilter>) 
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn container_user_lists_the_primary_group_first() {
+        let user = |json: &str| container_user(json).and_then(|u| u.linux);
+        let u =
+            user(r#"{"user":{"uid":1000,"gid":1000,"additionalGids":[1234,1000,50000]}}"#).unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 1000));
+        assert_eq!(u.supplemental_groups, [1000, 1234, 50000]);
+        let u = user(r#"{"user":{"uid":0,"gid":0}}"#).unwrap();
+        assert_eq!(u.supplemental_groups, [0]);
+        assert!(user("").is_none(), "no process recorded: no user");
+    }
 
     fn pod() -> PodRecord {
         PodRecord {

@@ -1,8 +1,7 @@
-//! Bounded mutation fuzzing of the parsers that see registry and layer bytes: image
-//! references, manifests/indexes, image configs, `hosts.toml`, and layer tars (through
-//! the header guard). No nightly toolchain or extra crate: seeds are mutated with a
-//! small PRNG for a time budget, and every input must give a result, never a panic
-//! (nor, for tars, a record past the guard's cap).
+//! Fuzzing (with the workspace's `vessel-fuzz` engine) of the parsers that see
+//! registry and layer bytes: image references, manifests/indexes, image configs,
+//! `hosts.toml`, and layer tars (through the header guard). Every input must give a
+//! result, never a panic (nor, for tars, a record past the guard's cap).
 //!
 //! Each target runs `VESSEL_FUZZ_SECS` seconds (default 1, so `cargo test` stays
 //! quick); `VESSEL_FUZZ_SEED` fixes the seed to replay a failure:
@@ -12,114 +11,8 @@
 //! ```
 
 use std::io::Write as _;
-use std::time::{Duration, Instant};
 
-/// xorshift64*: deterministic given the seed, good enough to pick mutations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
-
-/// Bytes that matter to the formats under test.
-const INTERESTING: &[u8] = b"\0\xff\x80 \n\"{}[]:,/@.=-_0179LKxgS5";
-
-/// One random change to `data`, sometimes borrowing from `other`.
-fn mutate(rng: &mut Rng, data: &mut Vec<u8>, other: &[u8]) {
-    let len = data.len();
-    match rng.below(8) {
-        0 if len > 0 => {
-            let i = rng.below(len);
-            data[i] ^= 1 << rng.below(8);
-        }
-        1 if len > 0 => {
-            let i = rng.below(len);
-            data[i] = INTERESTING[rng.below(INTERESTING.len())];
-        }
-        2 => {
-            let i = rng.below(len + 1);
-            let n = 1 + rng.below(16);
-            let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
-            data.splice(i..i, bytes);
-        }
-        3 if len > 0 => {
-            let i = rng.below(len);
-            let n = 1 + rng.below((len - i).min(64));
-            data.drain(i..i + n);
-        }
-        4 if len > 0 => {
-            let i = rng.below(len);
-            let n = 1 + rng.below((len - i).min(64));
-            let copy = data[i..i + n].to_vec();
-            let at = rng.below(len + 1);
-            data.splice(at..at, copy);
-        }
-        5 if !other.is_empty() => {
-            let i = rng.below(other.len());
-            let n = 1 + rng.below((other.len() - i).min(256));
-            let at = rng.below(len + 1);
-            let end = (at + n).min(len);
-            data.splice(at..end, other[i..i + n].iter().copied());
-        }
-        6 if len > 0 => data.truncate(rng.below(len)),
-        _ if len > 0 => {
-            // An ASCII digit run: sizes and lengths are text in these formats.
-            let i = rng.below(len);
-            data[i] = b'0' + rng.below(10) as u8;
-        }
-        _ => data.push(rng.next() as u8),
-    }
-}
-
-/// Runs `check` on mutations of `seeds` for the time budget; returns the count.
-fn fuzz(name: &str, seeds: &[Vec<u8>], mut check: impl FnMut(&[u8])) -> u64 {
-    let secs: f64 = std::env::var("VESSEL_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
-    let seed: u64 = std::env::var("VESSEL_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    let mut rng = Rng(seed);
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let mut n = 0u64;
-    for s in seeds {
-        check(s);
-    }
-    while Instant::now() < end {
-        let mut input = seeds[rng.below(seeds.len())].clone();
-        let other = &seeds[rng.below(seeds.len())];
-        for _ in 0..1 + rng.below(8) {
-            mutate(&mut rng, &mut input, other);
-        }
-        check(&input);
-        n += 1;
-    }
-    eprintln!("fuzz {name}: {n} inputs in {secs}s (VESSEL_FUZZ_SEED={seed})");
-    n
-}
+use vessel_fuzz::fuzz;
 
 #[test]
 fn fuzz_image_references() {

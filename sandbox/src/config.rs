@@ -122,6 +122,12 @@ pub struct Timeouts {
     pub agent_call: Duration,
     /// Agent Shutdown until QEMU exits, before QMP quit and then SIGKILL.
     pub shutdown: Duration,
+    /// Between liveness checks (agent Health) of a running VM.
+    pub health_interval: Duration,
+    /// How long the agent may go without answering Health while the VMM lives. Then
+    /// the VM counts as dead: it is killed and its exit is unexpected. Generous: a
+    /// guest whose containers hog its CPUs (slow under TCG) must not be killed.
+    pub unresponsive: Duration,
 }
 
 impl Default for Timeouts {
@@ -131,6 +137,8 @@ impl Default for Timeouts {
             helper_ready: Duration::from_secs(10),
             agent_call: Duration::from_secs(30),
             shutdown: Duration::from_secs(10),
+            health_interval: Duration::from_secs(5),
+            unresponsive: Duration::from_secs(30),
         }
     }
 }

@@ -139,11 +139,18 @@ async fn read_announcement(s: impl AsyncRead + Unpin) -> io::Result<String> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{line:?}")))
 }
 
-/// The version in a complete announcement line.
+/// Longest version accepted in an announcement.
+const MAX_VERSION: usize = 64;
+
+/// The version in a complete announcement line. Printable ASCII only: the version goes
+/// to the log, where control characters could forge or hide lines.
 fn parse_announcement(line: &str) -> Option<&str> {
     let rest = line.strip_suffix('\n')?.strip_prefix(READY_LINE_PREFIX)?;
     let version = rest.strip_prefix(' ')?;
-    (!version.is_empty()).then_some(version)
+    let ok = !version.is_empty()
+        && version.len() <= MAX_VERSION
+        && version.bytes().all(|b| b.is_ascii_graphic());
+    ok.then_some(version)
 }
 
 #[cfg(test)]
@@ -165,6 +172,58 @@ mod tests {
         assert_eq!(parse_announcement(&format!("{READY_LINE_PREFIX}\n")), None);
         assert_eq!(parse_announcement(&format!("{READY_LINE_PREFIX} \n")), None);
         assert_eq!(parse_announcement("hello 1\n"), None);
+        assert_eq!(
+            parse_announcement(&format!("{READY_LINE_PREFIX} 1\x1b[2J\n")),
+            None
+        );
+        assert_eq!(
+            parse_announcement(&format!("{READY_LINE_PREFIX} 1\n2\n")),
+            None
+        );
+    }
+
+    /// Whatever a guest writes to the readiness port: one bounded line is read, and a
+    /// version comes back only from a well-formed announcement.
+    #[test]
+    fn fuzz_ready_lines() {
+        let seeds: Vec<Vec<u8>> = vec![
+            format!("{READY_LINE_PREFIX} 0.1.0\n").into_bytes(),
+            format!("{READY_LINE_PREFIX} 0.1.0\nmore").into_bytes(),
+            format!("{READY_LINE_PREFIX} {}\n", "v".repeat(300)).into_bytes(),
+            b"GET / HTTP/1.1\r\n".to_vec(),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut accepted = 0u64;
+        vessel_fuzz::fuzz("ready lines", &seeds, |data| {
+            let got = rt.block_on(read_announcement(data));
+            // The line read: up to the first newline, within MAX_LINE bytes.
+            let window = &data[..data.len().min(MAX_LINE as usize)];
+            let line = match window.iter().position(|&b| b == b'\n') {
+                Some(nl) => &window[..=nl],
+                None => window,
+            };
+            match got {
+                Ok(version) => {
+                    accepted += 1;
+                    assert_eq!(
+                        line,
+                        format!("{READY_LINE_PREFIX} {version}\n").as_bytes(),
+                        "a version only from the exact announcement"
+                    );
+                    assert!(version.len() <= MAX_VERSION);
+                    assert!(version.bytes().all(|b| b.is_ascii_graphic()));
+                }
+                Err(_) => {
+                    if let Ok(text) = std::str::from_utf8(line) {
+                        assert_eq!(parse_announcement(text), None, "{text:?} refused");
+                    }
+                }
+            }
+        });
+        eprintln!("fuzz ready lines: {accepted} accepted");
     }
 
     #[test]

@@ -96,6 +96,43 @@ async fn first_exit(helpers: &[(&'static str, Proc)]) -> &'static str {
     }
 }
 
+/// How the supervisor tells a live VM whose agent no longer answers.
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    interval: Duration,
+    unresponsive: Duration,
+}
+
+impl Liveness {
+    fn of(t: &crate::config::Timeouts) -> Self {
+        Liveness {
+            interval: t.health_interval,
+            unresponsive: t.unresponsive,
+        }
+    }
+
+    /// Resolves, with how long it has been silent, once `agent` has answered no
+    /// Health for `unresponsive`. Each check gets at most what is left of that
+    /// window (and at least one interval), so a hung call cannot stretch it much.
+    async fn silent(self, agent: &AgentClient) -> Duration {
+        let mut last_answer = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.interval).await;
+            let left = self.unresponsive.saturating_sub(last_answer.elapsed());
+            match agent.health_within(left.max(self.interval)).await {
+                Ok(_) => last_answer = tokio::time::Instant::now(),
+                Err(e) => {
+                    let silent = last_answer.elapsed();
+                    if silent >= self.unresponsive {
+                        return silent;
+                    }
+                    tracing::debug!(?silent, "agent Health failed: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Undoes a partial start in reverse order unless disarmed.
 struct StartGuard {
     dir: PathBuf,
@@ -423,6 +460,7 @@ impl PodVm {
             vsock_helper,
             agent,
             cfg.timeouts.shutdown,
+            Liveness::of(&cfg.timeouts),
             Some(boot_timing),
             Confined {
                 jail_uid: state.jail_uid,
@@ -442,6 +480,7 @@ impl PodVm {
         vsock_helper: Option<Proc>,
         agent: AgentClient,
         shutdown_timeout: Duration,
+        liveness: Liveness,
         boot_timing: Option<BootTiming>,
         confined: Confined,
     ) -> Self {
@@ -449,6 +488,7 @@ impl PodVm {
         let (tx, exit) = watch::channel(None);
         let supervisor = {
             let (vmm, stopping, id) = (vmm.clone(), stopping.clone(), id.clone());
+            let agent = agent.clone();
             let helpers: Vec<(&'static str, Proc)> = vsock_helper
                 .iter()
                 .map(|p| ("vhost-device-vsock", p.clone()))
@@ -464,6 +504,16 @@ impl PodVm {
                         // next call that hangs.
                         if !stopping.load(Ordering::SeqCst) {
                             cause = name;
+                            vmm.kill().await;
+                        }
+                        vmm.exited().await;
+                    }
+                    silent = liveness.silent(&agent) => {
+                        // QEMU runs but the guest is hung or its agent gone: as
+                        // useless as a dead VM, and only a kill frees what it holds.
+                        if !stopping.load(Ordering::SeqCst) {
+                            tracing::warn!(%id, ?silent, "the pod VM's agent stopped answering; killing the VM");
+                            cause = "its agent stopped answering";
                             vmm.kill().await;
                         }
                         vmm.exited().await;
@@ -536,6 +586,8 @@ impl PodVm {
             vsock_helper,
             agent,
             Duration::from_millis(state.shutdown_timeout_ms),
+            // Not in the state file: a reconnected VM is checked with the defaults.
+            Liveness::of(&crate::config::Timeouts::default()),
             None,
             Confined {
                 jail_uid: state.jail_uid,

@@ -80,12 +80,21 @@ pub async fn connect(addr: &VsockAddr) -> io::Result<CappedWrites<VsockStream>> 
     Ok(CappedWrites(stream))
 }
 
+/// Longest answer line accepted from the hybrid helper (without its newline).
+const MAX_ANSWER: usize = 64;
+
 /// Dials the hybrid socket and sends `CONNECT <port>`; returns once the answer is read.
 async fn hybrid_handshake(path: &Path, port: u32) -> io::Result<UnixStream> {
     // The helper's socket is in the jail dir: checked, never followed.
     let mut s = crate::jail::connect_unix(path).await?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
-    // Read the answer byte by byte: anything after '\n' belongs to the agent.
+    read_hybrid_answer(&mut s).await?;
+    Ok(s)
+}
+
+/// Reads the helper's `OK <host port>\n` answer and returns the port. Byte by byte:
+/// anything after '\n' belongs to the agent and stays unread.
+async fn read_hybrid_answer(s: &mut (impl AsyncRead + Unpin)) -> io::Result<u32> {
     let mut line = Vec::with_capacity(16);
     loop {
         let b = s.read_u8().await.map_err(|e| {
@@ -102,20 +111,32 @@ async fn hybrid_handshake(path: &Path, port: u32) -> io::Result<UnixStream> {
             break;
         }
         line.push(b);
-        if line.len() > 64 {
+        if line.len() > MAX_ANSWER {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "hybrid vsock: answer too long",
             ));
         }
     }
-    if !line.starts_with(b"OK ") {
-        return Err(io::Error::new(
+    parse_hybrid_answer(&line).ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            format!("hybrid vsock: {}", String::from_utf8_lossy(&line)),
-        ));
+            format!(
+                "hybrid vsock: {}",
+                String::from_utf8_lossy(&line).escape_debug()
+            ),
+        )
+    })
+}
+
+/// The host port in an `OK <port>` answer line (no newline); `None` for anything else.
+fn parse_hybrid_answer(line: &[u8]) -> Option<u32> {
+    let digits = line.strip_prefix(b"OK ")?;
+    // Plain decimal only: `u32::from_str` would also take a leading '+'.
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    Ok(s)
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Limits every write to `MAX_VSOCK_WRITE` bytes (vhost-device-vsock 0.3 stalls on
@@ -192,6 +213,64 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CappedWrites<S> {
 mod tests {
     use super::*;
     use tokio::net::UnixListener;
+
+    #[test]
+    fn hybrid_answers_parse() {
+        assert_eq!(parse_hybrid_answer(b"OK 1073741824"), Some(1 << 30));
+        assert_eq!(parse_hybrid_answer(b"OK 0"), Some(0));
+        for bad in [
+            &b"OK "[..],
+            b"OK +5",
+            b"OK 5 ",
+            b"OK 4294967296",
+            b"ok 5",
+            b"FAILED",
+            b"OK\t5",
+        ] {
+            assert_eq!(parse_hybrid_answer(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Every answer the helper (or a guest behind it) can send: the reader takes the
+    /// first line and nothing past it, accepts only `OK <u32>`, and never holds more
+    /// than `MAX_ANSWER` bytes of it.
+    #[test]
+    fn fuzz_hybrid_answers() {
+        let seeds: Vec<Vec<u8>> = vec![
+            b"OK 1073741824\nagent-bytes".to_vec(),
+            b"OK 5\n".to_vec(),
+            b"FAILED 111\n".to_vec(),
+            format!("OK {}\n", "9".repeat(70)).into_bytes(),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut accepted = 0u64;
+        vessel_fuzz::fuzz("hybrid vsock answers", &seeds, |data| {
+            let mut rest = data;
+            let got = rt.block_on(read_hybrid_answer(&mut rest));
+            let consumed = data.len() - rest.len();
+            match data.iter().position(|&b| b == b'\n') {
+                Some(nl) if nl <= MAX_ANSWER => {
+                    assert_eq!(consumed, nl + 1, "read exactly the answer line");
+                    let line = &data[..nl];
+                    let expect = line
+                        .strip_prefix(b"OK ")
+                        .filter(|d| !d.is_empty() && d.iter().all(u8::is_ascii_digit))
+                        .and_then(|d| std::str::from_utf8(d).ok()?.parse::<u32>().ok());
+                    assert_eq!(got.as_ref().ok().copied(), expect, "{line:?}");
+                    if got.is_ok() {
+                        accepted += 1;
+                    }
+                }
+                _ => {
+                    assert!(got.is_err(), "no complete line is no answer");
+                    assert!(consumed <= MAX_ANSWER + 1, "read {consumed} bytes");
+                }
+            }
+        });
+        eprintln!("fuzz hybrid vsock answers: {accepted} accepted");
+    }
 
     /// A fake vhost-device-vsock: answers the handshake, then records what it reads.
     #[tokio::test]

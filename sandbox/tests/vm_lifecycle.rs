@@ -195,3 +195,51 @@ async fn abandoned_connects_leave_the_agent_reachable() {
     vm.stop().await.unwrap();
     assert_nothing_left(&ws.run_dir(), &pids);
 }
+
+/// A guest that hangs while QEMU lives (vCPUs stopped through QMP) answers no Health:
+/// after the `unresponsive` window the VM is killed and its exit is unexpected, while
+/// a guest that answers is left alone for several windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_guest_is_killed_after_the_unresponsive_window() {
+    let guest = require_guest!();
+    init_tracing();
+    let ws = Workspace::new();
+    let mut cfg = ws.config("hung", &guest);
+    cfg.timeouts.health_interval = Duration::from_millis(200);
+    cfg.timeouts.unresponsive = Duration::from_millis(1500);
+    let vm = VmGuard::new(PodVm::start(cfg).await.expect("VM starts"));
+    let pids = vm.pids();
+    let mut exit = vm.exit_watch();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(*exit.borrow(), None, "a VM whose agent answers lives on");
+
+    let qmp = vessel_sandbox::layout::RunDir::new(vm.run_dir())
+        .unwrap()
+        .qmp();
+    vessel_sandbox::qemu::qmp::execute(&qmp, "stop", None)
+        .await
+        .expect("QMP stop");
+    let t = Instant::now();
+    assert!(vm.is_running(), "QEMU lives");
+    assert!(!vm.guest_running().await.unwrap(), "the guest is stopped");
+    let how = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
+        .await
+        .expect("the hung VM is given up")
+        .unwrap()
+        .unwrap();
+    eprintln!("hung guest given up after {:?}", t.elapsed());
+    assert_eq!(how, VmExit::Unexpected);
+    assert!(
+        t.elapsed() >= Duration::from_millis(1200),
+        "not before the window: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "within the window and a check: {:?}",
+        t.elapsed()
+    );
+    assert!(!vm.is_running());
+    vm.stop().await.unwrap();
+    assert_nothing_left(&ws.run_dir(), &pids);
+}

@@ -115,15 +115,24 @@ fn set_attrs(tree: &OwnedFd, attrs: u64, recursive: bool) -> rustix::io::Result<
     }
 }
 
+/// How read-only a bind is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadOnly {
+    No,
+    /// The top mount only: submounts stay writable (CRI's plain `readonly`).
+    Top,
+    /// Every mount of the tree (CRI's `recursive_read_only`).
+    Recursive,
+}
+
 /// Attaches a bind of `source` at `target` with its flags already set, so that the
 /// copies propagated to virtiofsd carry them too. `recursive` brings `source`'s
-/// submounts along (volumes); `readonly` applies to the top mount only (CRI's
-/// non-recursive read-only).
+/// submounts along (volumes).
 fn attach_bind(
     source: &Path,
     target: &Path,
     recursive: bool,
-    readonly: bool,
+    readonly: ReadOnly,
 ) -> Result<(), StorageError> {
     let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if recursive {
@@ -132,8 +141,8 @@ fn attach_bind(
     let tree = open_tree(CWD, source, flags).map_err(io_err("clone mount", source))?;
     set_attrs(&tree, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive)
         .map_err(io_err("set mount attributes", source))?;
-    if readonly {
-        set_attrs(&tree, MOUNT_ATTR_RDONLY, false)
+    if readonly != ReadOnly::No {
+        set_attrs(&tree, MOUNT_ATTR_RDONLY, readonly == ReadOnly::Recursive)
             .map_err(io_err("set mount read-only", source))?;
     }
     move_mount(
@@ -174,6 +183,14 @@ fn detach_entries(dir: &Path) -> Result<(), StorageError> {
 }
 
 /// Mount points at or under `dir`, from /proc/self/mountinfo.
+/// Whether a filesystem is mounted somewhere below `path` (not at it). A guest
+/// automounts such a submount (virtiofs announces it) on first use with the flags of
+/// the mount it crosses, so a read-only bind in the guest makes it read-only too.
+pub fn has_submounts(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    mounts_under(&path).iter().any(|m| Path::new(m) != path)
+}
+
 fn mounts_under(dir: &Path) -> Vec<String> {
     let prefix = dir.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -311,7 +328,7 @@ impl ShareDir {
         let target = self.host().join(&rel);
         if !is_mount_root(&target) {
             private_dir(&target)?;
-            attach_bind(layer_dir, &target, false, true)?;
+            attach_bind(layer_dir, &target, false, ReadOnly::Top)?;
         }
         Ok(rel)
     }
@@ -326,12 +343,15 @@ impl ShareDir {
 
     /// Bind-mounts a container volume; returns its path relative to the exported
     /// tree. A missing source is an error (nothing is created on the host).
+    /// `readonly` makes the volume's top mount read-only, `recursive_readonly` every
+    /// mount below it too.
     pub fn bind_volume(
         &self,
         container_id: &str,
         index: usize,
         source: &Path,
         readonly: bool,
+        recursive_readonly: bool,
     ) -> Result<String, StorageError> {
         check_name(container_id)?;
         let meta = std::fs::metadata(source).map_err(StorageError::io("stat", source))?;
@@ -347,6 +367,11 @@ impl ShareDir {
                 .open(&target)
                 .map_err(StorageError::io("create", &target))?;
         }
+        let readonly = match (readonly, recursive_readonly) {
+            (_, true) => ReadOnly::Recursive,
+            (true, false) => ReadOnly::Top,
+            (false, false) => ReadOnly::No,
+        };
         attach_bind(source, &target, true, readonly)?;
         Ok(format!("ctr/{container_id}/{index}"))
     }
@@ -452,10 +477,10 @@ mod tests {
         std::fs::create_dir_all(&rw_vol).unwrap();
         let file = tmp.path().join("file");
         std::fs::write(&file, "f").unwrap();
-        let rel = share.bind_volume("c1", 0, &vol, true).unwrap();
+        let rel = share.bind_volume("c1", 0, &vol, true, false).unwrap();
         assert_eq!(rel, "ctr/c1/0");
-        let rel_f = share.bind_volume("c1", 1, &file, false).unwrap();
-        let rel_rw = share.bind_volume("c1", 2, &rw_vol, false).unwrap();
+        let rel_f = share.bind_volume("c1", 1, &file, false, false).unwrap();
+        let rel_rw = share.bind_volume("c1", 2, &rw_vol, false, false).unwrap();
         assert_eq!(
             std::fs::read_to_string(export.join(&rel).join("data")).unwrap(),
             "v"
@@ -467,9 +492,9 @@ mod tests {
         std::fs::write(export.join(&rel_f), "changed").unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "changed");
         assert!(share
-            .bind_volume("c1", 3, &tmp.path().join("missing"), false)
+            .bind_volume("c1", 3, &tmp.path().join("missing"), false, false)
             .is_err());
-        assert!(share.bind_volume("../x", 0, &vol, false).is_err());
+        assert!(share.bind_volume("../x", 0, &vol, false, false).is_err());
         assert_eq!(share.write_pod_file("hosts", b"h").unwrap(), "pod/hosts");
         assert_eq!(
             std::fs::read_to_string(export.join("pod/hosts")).unwrap(),
@@ -492,6 +517,40 @@ mod tests {
         assert!(!info.contains(&*tmp.path().to_string_lossy()), "{info}");
     }
 
+    /// CRI read-only: the volume's own files take no writes, a filesystem mounted
+    /// below it does; recursive read-only: neither does.
+    #[test]
+    fn read_only_volumes_and_their_submounts() {
+        assert!(is_root(), "this test needs root (mounts)");
+        let tmp = tempfile::tempdir().unwrap();
+        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let export = share.export_path();
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir_all(vol.join("tmpfs")).unwrap();
+        rustix::mount::mount(
+            "none",
+            vol.join("tmpfs"),
+            "tmpfs",
+            MountFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert!(!has_submounts(&vol.join("tmpfs")));
+        assert!(has_submounts(&vol));
+        let top = share.bind_volume("c1", 0, &vol, true, false).unwrap();
+        let all = share.bind_volume("c1", 1, &vol, true, true).unwrap();
+        assert!(!writable_from_slave_ns(&export.join(&top).join("top")));
+        assert!(writable_from_slave_ns(&export.join(&top).join("tmpfs/sub")));
+        assert!(!writable_from_slave_ns(&export.join(&all).join("top")));
+        assert!(!writable_from_slave_ns(
+            &export.join(&all).join("tmpfs/sub2")
+        ));
+        share.release_container("c1").unwrap();
+        rustix::mount::unmount(vol.join("tmpfs"), UnmountFlags::DETACH).unwrap();
+        share.destroy().unwrap();
+        assert!(mounts_under(tmp.path()).is_empty());
+    }
+
     #[test]
     fn destroy_with_volumes_still_bound_keeps_their_data() {
         assert!(is_root(), "this test needs root (mounts)");
@@ -500,7 +559,7 @@ mod tests {
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(vol.join("sub")).unwrap();
         std::fs::write(vol.join("sub/data"), "keep").unwrap();
-        share.bind_volume("c1", 0, &vol, false).unwrap();
+        share.bind_volume("c1", 0, &vol, false, false).unwrap();
         share.destroy().unwrap();
         assert_eq!(
             std::fs::read_to_string(vol.join("sub/data")).unwrap(),

@@ -62,6 +62,13 @@ async fn version_status_and_runtime_config() {
     let config: serde_json::Value = serde_json::from_str(&s.info["config"]).unwrap();
     assert_eq!(config["root"], d.root().display().to_string());
     assert!(s.runtime_handlers.iter().any(|h| h.name == "default"));
+    // The CRI's name for the default handler, with the features critest checks.
+    let default = s.runtime_handlers.iter().find(|h| h.name.is_empty());
+    let features = default
+        .and_then(|h| h.features)
+        .expect("default handler \"\"");
+    assert!(features.recursive_read_only_mounts);
+    assert!(s.features.expect("features").supplemental_groups_policy);
 
     let rc = c
         .runtime

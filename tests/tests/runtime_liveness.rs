@@ -112,6 +112,114 @@ async fn vm_death_is_seen_at_once_and_stops_are_never_lost() {
     assert_no_leaks(&d);
 }
 
+/// A guest that hangs while QEMU lives (its vCPUs stopped through QMP) answers
+/// nothing: within the agent's unresponsive window (30 s, checked every 5 s) the pod
+/// is NOTREADY, its container EXITED, and removal is clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_guest_makes_the_pod_notready() {
+    let Some((_reg, d, mut c, image)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+    let logs = d.dir().join("logs/hung");
+    let pod_cfg = pod_config("hung", &logs);
+    let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    let ctr = run_container(
+        &mut c,
+        &pod,
+        &pod_cfg,
+        container_config("sleeper", &image, &["sh", "-c", LONG_RUNNER]),
+    )
+    .await;
+    let qmp = vessel_sandbox::layout::RunDir::new(d.run_root().join("vm").join(&pod[..16]))
+        .unwrap()
+        .qmp();
+    vessel_sandbox::qemu::qmp::execute(&qmp, "stop", None)
+        .await
+        .expect("QMP stop");
+    let hung = Instant::now();
+    let vmm = vm_process(&d, &pod, "vmm");
+    // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+    assert_eq!(unsafe { libc::kill(vmm, 0) }, 0, "QEMU lives");
+    loop {
+        if pod_state(&mut c, &pod).await == cri::PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            hung.elapsed() < Duration::from_secs(45),
+            "pod still READY {:?} after its guest hung",
+            hung.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("hung guest: pod NOTREADY after {:?}", hung.elapsed());
+    let s = status(&mut c, &ctr).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{s:?}"
+    );
+    assert!(!s.message.is_empty(), "{s:?}");
+    remove_pod(&mut c, &pod).await;
+    assert_no_leaks(&d);
+}
+
+/// A privileged container gets what a node's kernel offers it: bridges and veths (the
+/// guest loads their modules on demand, as critest's `brctl addbr` needs), while an
+/// unprivileged one is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn privileged_containers_create_bridges_and_veths() {
+    let Some((_reg, d, mut c, image)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+    let logs = d.dir().join("logs/netadmin");
+    let pod_cfg = pod_config("netadmin", &logs);
+    let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    let mut cfg = container_config("priv", &image, &["sh", "-c", LONG_RUNNER]);
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let privileged = run_container(&mut c, &pod, &pod_cfg, cfg).await;
+    let plain = run_container(
+        &mut c,
+        &pod,
+        &pod_cfg,
+        container_config("plain", &image, &["sh", "-c", LONG_RUNNER]),
+    )
+    .await;
+    let r = exec(
+        &mut c,
+        &privileged,
+        &[
+            "sh",
+            "-c",
+            "brctl addbr vbr0 && ip link add vx0 type veth peer name vx1 && ip -o link",
+        ],
+        60,
+    )
+    .await
+    .expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(out.contains("vbr0") && out.contains("vx0"), "{out}");
+    let r = exec(&mut c, &plain, &["brctl", "addbr", "vbr1"], 60)
+        .await
+        .expect("ExecSync");
+    assert_ne!(r.exit_code, 0, "no NET_ADMIN, no bridge");
+    remove_pod(&mut c, &pod).await;
+    assert_no_leaks(&d);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_pod_names_default_signals_and_group_without_user() {
     let Some((_reg, d, mut c, image)) = setup().await else {

@@ -3,6 +3,8 @@
 mod cache;
 pub(crate) mod config;
 mod exec;
+#[cfg(test)]
+mod fuzz;
 mod result;
 
 use std::path::{Path, PathBuf};

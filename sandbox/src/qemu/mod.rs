@@ -1,7 +1,7 @@
 //! The QEMU backend: microvm, launched detached, controlled over QMP.
 
 mod args;
-mod qmp;
+pub mod qmp;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
