@@ -166,7 +166,7 @@ async fn a_hung_guest_makes_the_pod_notready() {
 
 /// A privileged container gets what a node's kernel offers it: bridges and veths (the
 /// guest loads their modules on demand, as critest's `brctl addbr` needs), while an
-/// unprivileged one is still refused.
+/// unprivileged one is still refused. Mounts a VM cannot give are refused clearly.
 #[tokio::test(flavor = "multi_thread")]
 async fn privileged_containers_create_bridges_and_veths() {
     let Some((_reg, d, mut c, image)) = setup().await else {
@@ -216,6 +216,37 @@ async fn privileged_containers_create_bridges_and_veths() {
         .await
         .expect("ExecSync");
     assert_ne!(r.exit_code, 0, "no NET_ADMIN, no bridge");
+
+    // Mounts a VM cannot give are refused with a clear InvalidArgument: bidirectional
+    // propagation, and recursive read-only without read-only.
+    let vol = d.dir().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    for (mount, why) in [
+        (
+            cri::Mount {
+                propagation: cri::MountPropagation::PropagationBidirectional as i32,
+                ..Default::default()
+            },
+            "bidirectional (rshared) propagation cannot cross",
+        ),
+        (
+            cri::Mount {
+                recursive_read_only: true,
+                ..Default::default()
+            },
+            "recursive_read_only needs readonly",
+        ),
+    ] {
+        let mut cfg = container_config("mnt", &image, &["true"]);
+        cfg.mounts = vec![cri::Mount {
+            host_path: vol.display().to_string(),
+            container_path: "/mnt".into(),
+            ..mount
+        }];
+        let e = create(&mut c, &pod, &pod_cfg, cfg).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(why), "{}", e.message());
+    }
     remove_pod(&mut c, &pod).await;
     assert_no_leaks(&d);
 }
