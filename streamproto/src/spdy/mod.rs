@@ -3,6 +3,7 @@
 mod dictionary;
 mod frame;
 mod headers;
+pub mod session;
 
 pub use dictionary::dictionary;
 pub use frame::{
