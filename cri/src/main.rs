@@ -23,6 +23,7 @@ mod sdnotify;
 mod server;
 mod status;
 mod store;
+mod streaming;
 mod validate;
 mod views;
 mod vmsize;

@@ -25,6 +25,7 @@ pub struct RuntimeSvc {
     engine: Arc<Engine>,
     /// From the kubelet's UpdateRuntimeConfig.
     pod_cidr: std::sync::Mutex<String>,
+    streaming: Option<Arc<crate::streaming::StreamingServer>>,
 }
 
 impl RuntimeSvc {
@@ -34,7 +35,20 @@ impl RuntimeSvc {
             images,
             engine,
             pod_cidr: std::sync::Mutex::default(),
+            streaming: None,
         }
+    }
+
+    /// Serves Exec/Attach/PortForward through `server`.
+    pub fn with_streaming(mut self, server: Arc<crate::streaming::StreamingServer>) -> Self {
+        self.streaming = Some(server);
+        self
+    }
+
+    fn streaming(&self) -> Result<&crate::streaming::StreamingServer, Status> {
+        self.streaming
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("the streaming server is not running"))
     }
 
     /// Runs a lifecycle call to its end on its own task. tonic drops a handler's
@@ -54,7 +68,6 @@ impl RuntimeSvc {
 }
 
 /// Issues that bring the RPCs this foundation does not serve yet.
-const ISSUE_STREAMING: &str = "streaming (exec/attach/port-forward), not yet filed";
 const ISSUE_STATS: &str = "stats and metrics, not yet filed";
 const ISSUE_EVENTS: &str = "container events, not yet filed";
 const ISSUE_CHECKPOINT: &str = "none planned (checkpointing is out of scope)";
@@ -326,19 +339,21 @@ impl RuntimeService for RuntimeSvc {
         ))
     }
 
-    async fn exec(&self, _req: Request<cri::ExecRequest>) -> R<cri::ExecResponse> {
-        not_yet("Exec", ISSUE_STREAMING)
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> R<cri::ExecResponse> {
+        Ok(Response::new(self.streaming()?.exec(req.into_inner())?))
     }
 
-    async fn attach(&self, _req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
-        not_yet("Attach", ISSUE_STREAMING)
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
+        Ok(Response::new(self.streaming()?.attach(req.into_inner())?))
     }
 
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> R<cri::PortForwardResponse> {
-        not_yet("PortForward", ISSUE_STREAMING)
+        Ok(Response::new(
+            self.streaming()?.port_forward(req.into_inner())?,
+        ))
     }
 
     async fn container_stats(
