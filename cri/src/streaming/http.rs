@@ -131,45 +131,46 @@ fn handle(server: Arc<StreamingServer>, req: Request<Incoming>) -> Response<Full
     // Choose the subprotocol before spending the token, so a client can retry with
     // other offers.
     let is_pf = kind == "portforward";
-    let protocol =
-        match transport {
-            Transport::Spdy => {
-                let offers = header_values(&req, k8s::PROTOCOL_HEADER);
-                let supported: &[&'static str] = if is_pf {
-                    &[k8s::SPDY_PORT_FORWARD_PROTOCOL]
-                } else {
-                    k8s::SPDY_EXEC_PROTOCOLS
-                };
-                match k8s::negotiate(offers.iter().copied(), supported) {
-                    Some(p) => p,
-                    // An old client offering nothing gets the first protocol version.
-                    None if offers.is_empty() => supported[supported.len() - 1],
-                    None => return reply(
+    let protocol = match transport {
+        Transport::Spdy => {
+            let offers = header_values(&req, k8s::PROTOCOL_HEADER);
+            let supported: &[&'static str] = if is_pf {
+                &[k8s::SPDY_PORT_FORWARD_PROTOCOL]
+            } else {
+                k8s::SPDY_EXEC_PROTOCOLS
+            };
+            match k8s::negotiate(offers.iter().copied(), supported) {
+                Some(p) => p,
+                // An old client offering nothing gets the first protocol version.
+                None if offers.is_empty() => supported[supported.len() - 1],
+                None => {
+                    return reply(
                         StatusCode::FORBIDDEN,
                         &format!(
                             "none of the offered protocols is supported; use one of {supported:?}"
                         ),
-                    ),
+                    )
                 }
             }
-            Transport::WebSocket => {
-                let offers = header_values(&req, "sec-websocket-protocol");
-                let supported = if is_pf {
-                    k8s::WS_PORT_FORWARD_PROTOCOLS
-                } else {
-                    k8s::WS_EXEC_PROTOCOLS
-                };
-                match k8s::negotiate(offers.iter().copied(), supported) {
-                    Some(p) => p,
-                    None => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            &format!("Sec-WebSocket-Protocol must offer one of {supported:?}"),
-                        )
-                    }
+        }
+        Transport::WebSocket => {
+            let offers = header_values(&req, "sec-websocket-protocol");
+            let supported = if is_pf {
+                k8s::WS_PORT_FORWARD_PROTOCOLS
+            } else {
+                k8s::WS_EXEC_PROTOCOLS
+            };
+            match k8s::negotiate(offers.iter().copied(), supported) {
+                Some(p) => p,
+                None => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        &format!("Sec-WebSocket-Protocol must offer one of {supported:?}"),
+                    )
                 }
             }
-        };
+        }
+    };
     let ws_key = req
         .headers()
         .get("sec-websocket-key")

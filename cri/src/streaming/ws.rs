@@ -71,10 +71,10 @@ pub async fn serve<IO>(
             let next = if idle.is_zero() {
                 source.next().await
             } else {
-                match tokio::time::timeout(idle, source.next()).await {
-                    Ok(n) => n,
-                    Err(_) => None,
-                }
+                // Idle: treated like the client leaving.
+                tokio::time::timeout(idle, source.next())
+                    .await
+                    .unwrap_or_default()
             };
             match next {
                 Some(Ok(Message::Binary(b))) if !b.is_empty() => {
