@@ -18,8 +18,19 @@ use crate::reaper::{Exit, Reaper};
 use crate::spec;
 use crate::stdio::{self, Stdio};
 
-/// Per-container working dirs (bundle, pid files, console sockets).
+/// Per-container working dirs (bundle, pid files).
 const RUN_DIR: &str = "/run/vessel/containers";
+/// Console sockets: apart from RUN_DIR, whose paths (64-character container ids plus
+/// exec ids) can pass the 108 bytes a unix socket path may have.
+const CONSOLE_DIR: &str = "/run/vessel/console";
+
+/// A fresh, short console socket path.
+fn console_socket_path() -> std::io::Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::fs::create_dir_all(CONSOLE_DIR)?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Path::new(CONSOLE_DIR).join(format!("{n}.sock")))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -398,7 +409,7 @@ impl Containers {
         let pid_file = PathBuf::from(args[3]);
         let log = dir.join(format!("{name}.log"));
         if let Some((width, height)) = tty {
-            let sock = dir.join(format!("{name}.console"));
+            let sock = console_socket_path()?;
             let listener = stdio::console_listener(&sock)?;
             let mut a: Vec<&str> = args.to_vec();
             a.push(path_str(&sock)?);

@@ -59,6 +59,14 @@ fn main() {
 }
 
 async fn serve(pid1: bool) -> anyhow::Result<()> {
+    if pid1 {
+        // Not awaited: readiness does not wait on it.
+        tokio::spawn(async {
+            if let Err(e) = network::loopback_up().await {
+                log::warn(&format!("cannot bring lo up: {e}"));
+            }
+        });
+    }
     let reaper = reaper::Reaper::default();
     if pid1 {
         tokio::spawn(reaper.clone().run());

@@ -120,6 +120,28 @@ pub async fn configure(req: &pb::ConfigureNetworkRequest) -> Result<(), NetError
     write_files(req)
 }
 
+/// Brings the loopback interface up: a pod without a network (no CNI) still has
+/// 127.0.0.1, which port-forward connects to.
+pub async fn loopback_up() -> Result<(), NetError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(conn);
+    let result = set_loopback_up(&handle).await;
+    task.abort();
+    result
+}
+
+async fn set_loopback_up(handle: &Handle) -> Result<(), NetError> {
+    let all = links(handle).await?;
+    if let Some((lo, _, _)) = all.iter().find(|(_, n, _)| n == "lo") {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(*lo).up().build())
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
+
 async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(), NetError> {
     let all = links(handle).await?;
     if let Some((lo, _, _)) = all.iter().find(|(_, n, _)| n == "lo") {

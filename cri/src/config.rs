@@ -42,6 +42,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// One entry per RuntimeClass handler; `default` always exists.
     pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
+    /// The Exec/Attach/PortForward server.
+    pub streaming: crate::streaming::StreamingConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +130,7 @@ impl Default for Config {
                 DEFAULT_HANDLER.to_owned(),
                 RuntimeHandlerConfig::default(),
             )]),
+            streaming: Default::default(),
         }
     }
 }
@@ -462,6 +465,9 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     }
     if c.image.max_concurrent_downloads == 0 {
         return err("image.max_concurrent_downloads", "must be at least 1");
+    }
+    if let Some((key, reason)) = c.streaming.problem() {
+        return err(key, reason);
     }
     for (name, h) in &c.runtimes {
         let key = |k: &str| format!("runtimes.{name}.{k}");

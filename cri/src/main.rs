@@ -27,6 +27,7 @@ mod server;
 mod stats;
 mod status;
 mod store;
+mod streaming;
 mod validate;
 mod views;
 mod vmsize;

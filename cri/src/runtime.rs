@@ -1,5 +1,5 @@
-//! CRI RuntimeService: the gRPC edge over [`Engine`]. Streaming returns
-//! Unimplemented naming the issue that brings it.
+//! CRI RuntimeService: the gRPC edge over [`Engine`], the stats sampler, the events
+//! bus and the streaming server. Only checkpointing returns Unimplemented.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ pub struct RuntimeSvc {
     pod_cidr: std::sync::Mutex<String>,
     stats: Arc<crate::stats::Stats>,
     events: crate::events::EventBus,
+    streaming: Option<Arc<crate::streaming::StreamingServer>>,
 }
 
 impl RuntimeSvc {
@@ -43,7 +44,20 @@ impl RuntimeSvc {
             engine,
             pod_cidr: std::sync::Mutex::default(),
             events,
+            streaming: None,
         }
+    }
+
+    /// Serves Exec/Attach/PortForward through `server`.
+    pub fn with_streaming(mut self, server: Arc<crate::streaming::StreamingServer>) -> Self {
+        self.streaming = Some(server);
+        self
+    }
+
+    fn streaming(&self) -> Result<&crate::streaming::StreamingServer, Status> {
+        self.streaming
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("the streaming server is not running"))
     }
 
     /// Runs a lifecycle call to its end on its own task. tonic drops a handler's
@@ -63,7 +77,6 @@ impl RuntimeSvc {
 }
 
 /// Issues that bring the RPCs this foundation does not serve yet.
-const ISSUE_STREAMING: &str = "streaming (exec/attach/port-forward), not yet filed";
 const ISSUE_CHECKPOINT: &str = "none planned (checkpointing is out of scope)";
 
 fn not_yet<T>(rpc: &str, issue: &str) -> Result<Response<T>, Status> {
@@ -333,19 +346,21 @@ impl RuntimeService for RuntimeSvc {
         ))
     }
 
-    async fn exec(&self, _req: Request<cri::ExecRequest>) -> R<cri::ExecResponse> {
-        not_yet("Exec", ISSUE_STREAMING)
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> R<cri::ExecResponse> {
+        Ok(Response::new(self.streaming()?.exec(req.into_inner())?))
     }
 
-    async fn attach(&self, _req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
-        not_yet("Attach", ISSUE_STREAMING)
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
+        Ok(Response::new(self.streaming()?.attach(req.into_inner())?))
     }
 
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> R<cri::PortForwardResponse> {
-        not_yet("PortForward", ISSUE_STREAMING)
+        Ok(Response::new(
+            self.streaming()?.port_forward(req.into_inner())?,
+        ))
     }
 
     async fn container_stats(

@@ -55,6 +55,10 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         .await
         .context("cannot open the runtime state")?;
 
+    // Before the CRI socket: Exec/Attach/PortForward hand out URLs on it.
+    let streaming =
+        crate::streaming::StreamingServer::start(config.streaming.clone(), engine.clone()).await?;
+
     for problem in crate::hostcheck::default_handler_problems(&config) {
         tracing::warn!(%problem, "pod VMs cannot start; Status reports RuntimeReady=false");
     }
@@ -100,11 +104,9 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
 
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
-        .add_service(RuntimeServiceServer::new(RuntimeSvc::new(
-            config.clone(),
-            store.clone(),
-            engine,
-        )))
+        .add_service(RuntimeServiceServer::new(
+            RuntimeSvc::new(config.clone(), store.clone(), engine).with_streaming(streaming),
+        ))
         .add_service(ImageServiceServer::new(ImageSvc::new(store, image_users)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod cri;
 pub mod daemon;
 pub mod registry;
+pub mod streaming;
 pub mod testhost;
 pub mod testimages;
 

@@ -1,0 +1,70 @@
+//! The `[streaming]` config section.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// Address the streaming server listens on (the kubelet connects to it).
+    pub address: String,
+    /// TCP port; 0 picks a free one at start.
+    pub port: u16,
+    /// PEM certificate chain and key: serve HTTPS. Both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How long a URL returned by Exec/Attach/PortForward stays valid (seconds).
+    pub token_ttl_s: u64,
+    /// Most URLs waiting for their client at once.
+    pub max_pending: usize,
+    /// A session with no traffic either way for this long is closed (seconds; 0: never).
+    pub idle_timeout_s: u64,
+    /// How long a client has to open the streams it asked for (seconds).
+    pub stream_creation_timeout_s: u64,
+    /// Most streaming sessions at once (each holds agent streams and buffers).
+    pub max_sessions: usize,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            token_ttl_s: 60,
+            max_pending: 1000,
+            idle_timeout_s: 4 * 3600,
+            stream_creation_timeout_s: 30,
+            max_sessions: 256,
+        }
+    }
+}
+
+impl StreamingConfig {
+    /// What is wrong with the section, as (key, reason).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if self.address.parse::<std::net::IpAddr>().is_err() {
+            return Some(("streaming.address", "must be an IP address"));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Some((
+                "streaming.tls_cert_file",
+                "set both tls_cert_file and tls_key_file, or neither",
+            ));
+        }
+        if self.token_ttl_s == 0 || self.max_pending == 0 || self.max_sessions == 0 {
+            return Some((
+                "streaming",
+                "token_ttl_s, max_pending and max_sessions must be at least 1",
+            ));
+        }
+        if self.stream_creation_timeout_s == 0 {
+            return Some(("streaming.stream_creation_timeout_s", "must be at least 1"));
+        }
+        None
+    }
+}
