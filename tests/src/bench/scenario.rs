@@ -489,6 +489,7 @@ async fn stats_rows(env: &Env, c: &CriClient, pods: &[String]) -> anyhow::Result
     }
     let want = pods.len() * STATS_CONTAINERS;
     let (mut fresh, mut cached) = (Samples::new(), Samples::new());
+    let mut fewest = want;
     for _ in 0..env.plan.execs {
         // Past vesseld's 1 s stats cache.
         tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -502,10 +503,10 @@ async fn stats_rows(env: &Env, c: &CriClient, pods: &[String]) -> anyhow::Result
                 .into_inner()
                 .stats;
             samples.push_duration(t.elapsed());
+            // A guest slower than vesseld's 2 s stats limit (a loaded TCG host)
+            // leaves its containers without numbers: the note says how many had them.
             let with_cpu = stats.iter().filter(|s| s.cpu.is_some()).count();
-            if with_cpu < want {
-                bail!("ListContainerStats: {with_cpu} of {want} containers have stats");
-            }
+            fewest = fewest.min(with_cpu);
         }
     }
     let what = format!("{} pods × {STATS_CONTAINERS} containers", pods.len());
@@ -513,7 +514,7 @@ async fn stats_rows(env: &Env, c: &CriClient, pods: &[String]) -> anyhow::Result
         &format!("9. ListContainerStats, {what}, fresh"),
         Unit::Millis,
         fresh,
-        "one PodStats round trip per pod, in parallel",
+        format!("one PodStats round trip per pod, in parallel; ≥ {fewest} of {want} with stats"),
     );
     env.add(
         &format!("9. ListContainerStats, {what}, cached"),
