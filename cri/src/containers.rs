@@ -491,14 +491,7 @@ impl Engine {
             })
         };
         let kill = || async {
-            let _ = agent
-                .signal_process(pb::SignalProcessRequest {
-                    container_id: c.id.clone(),
-                    exec_id: exec_id.clone(),
-                    signal: libc::SIGKILL as u32,
-                    all: false,
-                })
-                .await;
+            let _ = agent.kill_exec(&c.id, &exec_id).await;
         };
         let res = if req.timeout > 0 {
             match tokio::time::timeout(Duration::from_secs(req.timeout as u64), run).await {

@@ -107,6 +107,19 @@ impl AgentClient {
         Ok(self.raw().wait_process(req).await?.into_inner())
     }
 
+    /// SIGKILLs one exec'd process: an ExecSync past its deadline, or a streaming
+    /// exec whose client left.
+    pub async fn kill_exec(&self, container_id: &str, exec_id: &str) -> Result<()> {
+        self.signal_process(pb::SignalProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            signal: libc::SIGKILL as u32,
+            all: false,
+        })
+        .await
+        .map(drop)
+    }
+
     /// Opens an output stream (the open is timed; the stream is not).
     pub async fn read_output(
         &self,

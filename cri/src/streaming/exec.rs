@@ -90,25 +90,20 @@ pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
     } = io;
     let proc_ref = (c.id.clone(), exec_id.clone());
     let pumps = spawn_common(&agent, &proc_ref, stdin, resize, true);
-    let out = stdout.map(|tx| {
+    let copy = |stream, tx| {
         tokio::spawn(copy_output(
             agent.clone(),
             proc_ref.clone(),
-            pb::OutputStream::Stdout,
+            stream,
             tx,
             OutputMode::Exec,
         ))
-    });
-    let err = match (stderr, req.tty) {
-        (Some(tx), false) => Some(tokio::spawn(copy_output(
-            agent.clone(),
-            proc_ref.clone(),
-            pb::OutputStream::Stderr,
-            tx,
-            OutputMode::Exec,
-        ))),
-        _ => None,
     };
+    let out = stdout.map(|tx| copy(pb::OutputStream::Stdout, tx));
+    // A TTY merges stderr into stdout.
+    let err = stderr
+        .filter(|_| !req.tty)
+        .map(|tx| copy(pb::OutputStream::Stderr, tx));
     let wait = agent.wait_process(&c.id, &exec_id);
     let result = tokio::select! {
         r = wait => Some(r),
@@ -126,14 +121,7 @@ pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
         None => {
             // The client left first: the command must not outlive its session.
             tracing::debug!(container = %c.id, exec = %exec_id, "exec client gone: killing");
-            let _ = agent
-                .signal_process(pb::SignalProcessRequest {
-                    container_id: c.id.clone(),
-                    exec_id: exec_id.clone(),
-                    signal: libc::SIGKILL as u32,
-                    all: false,
-                })
-                .await;
+            let _ = agent.kill_exec(&c.id, &exec_id).await;
             k8s::Status::failure("client disconnected")
         }
     };
