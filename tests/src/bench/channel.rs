@@ -80,7 +80,7 @@ async fn read_stream(agent: &AgentClient, ctr: &str, exec_id: &str) -> anyhow::R
     Ok(out)
 }
 
-/// Guest → host: `head -c BYTES /dev/zero` in container `ctr`, read to the end.
+/// Guest → host: [`super::streams::dd_source`] in container `ctr`, read to the end.
 /// Returns MiB/s from exec to the last byte.
 pub async fn stream_out(
     agent: &AgentClient,
@@ -89,16 +89,9 @@ pub async fn stream_out(
     tag: &str,
 ) -> anyhow::Result<f64> {
     let exec_id = format!("bench-out-{tag}");
-    let count = bytes.to_string();
+    let source = super::streams::dd_source(bytes);
     let t = Instant::now();
-    exec(
-        agent,
-        ctr,
-        &exec_id,
-        &["head", "-c", &count, "/dev/zero"],
-        false,
-    )
-    .await?;
+    exec(agent, ctr, &exec_id, &["sh", "-c", &source], false).await?;
     let mut counted = 0usize;
     let mut s = agent
         .read_output(pb::ReadOutputRequest {
@@ -122,8 +115,8 @@ pub async fn stream_out(
     Ok(mib_per_s(bytes, elapsed))
 }
 
-/// Host → guest: BYTES written to the stdin of `wc -c` in container `ctr`.
-/// Returns MiB/s from exec until `wc` has counted them all.
+/// Host → guest: BYTES written to the stdin of `dd` in container `ctr`.
+/// Returns MiB/s from exec until `dd` has counted them all.
 pub async fn stream_in(
     agent: &AgentClient,
     ctr: &str,
@@ -132,7 +125,14 @@ pub async fn stream_in(
 ) -> anyhow::Result<f64> {
     let exec_id = format!("bench-in-{tag}");
     let t = Instant::now();
-    exec(agent, ctr, &exec_id, &["wc", "-c"], true).await?;
+    exec(
+        agent,
+        ctr,
+        &exec_id,
+        &["sh", "-c", super::streams::DD_SINK],
+        true,
+    )
+    .await?;
     let output = tokio::spawn({
         let (agent, ctr, exec_id) = (agent.clone(), ctr.to_owned(), exec_id.clone());
         async move { read_stream(&agent, &ctr, &exec_id).await }
@@ -158,11 +158,11 @@ pub async fn stream_in(
         .await?;
     let out = output.await??;
     let elapsed = t.elapsed();
-    let counted: usize = String::from_utf8_lossy(&out).trim().parse().unwrap_or(0);
+    let summary = String::from_utf8_lossy(&out);
     let status = agent.wait_process(ctr, &exec_id).await?;
-    if counted != bytes || status.exit_code != 0 {
+    if !super::streams::dd_counted(&summary, bytes) || status.exit_code != 0 {
         bail!(
-            "host → guest stream: wc counted {counted} of {bytes} bytes, exit {}",
+            "host → guest stream: dd did not count {bytes} bytes ({summary}), exit {}",
             status.exit_code
         );
     }

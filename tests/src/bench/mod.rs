@@ -12,6 +12,7 @@ pub mod peer;
 pub mod pods;
 mod scenario;
 pub mod stats;
+pub mod streams;
 pub mod table;
 
 use std::path::PathBuf;
@@ -26,8 +27,8 @@ pub struct Options {
     pub quick: bool,
     /// Compare the pull with containerd's `ctr` (installing Debian's containerd).
     pub peer: bool,
-    /// Only the stats rows (row 9).
-    pub stats_only: bool,
+    /// Only these rows (and what they are measured against); None: all.
+    pub only: Option<Vec<u32>>,
     /// Where vmlinux and initrd.img are.
     pub guest_dir: PathBuf,
 }

@@ -11,7 +11,7 @@ use super::janitor::{pids_naming, Janitor};
 use super::memory::{pss_of, Pss};
 use super::stats::{Samples, Unit};
 use super::table::{format_value, ratio};
-use super::{channel, floor, machine, peer, pods, Options, Plan, SharedTable};
+use super::{channel, floor, machine, peer, pods, streams, Options, Plan, SharedTable};
 use crate::cri::CriClient;
 use crate::daemon::TestDaemon;
 use crate::registry::TestRegistry;
@@ -21,6 +21,7 @@ use crate::testimages::{self, LayerCompression};
 const FLOOR: &str = "1. floor: QEMU spawn → agent Health (direct, no vesseld)";
 const RUN_PLAIN: &str = "2. RunPodSandbox, no network";
 const RUN_CNI: &str = "2. RunPodSandbox, CNI bridge";
+const RTT: &str = "8. agent channel: empty call RTT";
 const LAYERS: usize = 5;
 const MIB: usize = 1 << 20;
 
@@ -119,20 +120,38 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
         table,
     };
 
-    if opts.stats_only {
-        return stats_phase(&env).await.context("stats");
+    let wanted = |rows: &[u32]| match &opts.only {
+        Some(only) => rows.iter().any(|r| only.contains(r)),
+        None => true,
+    };
+    if wanted(&[1, 2]) {
+        floor_row(&env).await.context("floor")?;
     }
-    floor_row(&env).await.context("floor")?;
-    pods_without_network(&env)
-        .await
-        .context("RunPodSandbox without network")?;
-    pods_with_cni(&env)
-        .await
-        .context("RunPodSandbox with CNI")?;
-    containers_and_channel(&env).await.context("containers")?;
-    parallel_pods(&env).await.context("parallel pods")?;
-    stats_phase(&env).await.context("stats")?;
-    pull(&env, opts.peer).await.context("image pull")?;
+    if wanted(&[2]) {
+        pods_without_network(&env)
+            .await
+            .context("RunPodSandbox without network")?;
+        pods_with_cni(&env)
+            .await
+            .context("RunPodSandbox with CNI")?;
+    }
+    if wanted(&[3, 4]) {
+        containers(&env).await.context("containers")?;
+    }
+    if wanted(&[8, 10]) {
+        channel_and_streams(&env, wanted(&[10]))
+            .await
+            .context("agent channel and streaming")?;
+    }
+    if wanted(&[5, 6]) {
+        parallel_pods(&env).await.context("parallel pods")?;
+    }
+    if wanted(&[9]) {
+        stats_phase(&env).await.context("stats")?;
+    }
+    if wanted(&[7]) {
+        pull(&env, opts.peer).await.context("image pull")?;
+    }
     Ok(())
 }
 
@@ -327,7 +346,7 @@ async fn pods_with_cni(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn containers_and_channel(env: &Env) -> anyhow::Result<()> {
+async fn containers(env: &Env) -> anyhow::Result<()> {
     let (d, mut c) = env.daemon(None).await?;
     c.pull(&env.busybox).await?;
     let config = pods::pod_config("ctrs", &env.work.join("logs"));
@@ -368,14 +387,29 @@ async fn containers_and_channel(env: &Env) -> anyhow::Result<()> {
     }
     env.add("4. ExecSync `true`", Unit::Millis, execs, "");
 
+    pods::stop_and_remove_pod(&mut c, &pod).await?;
+    drop(c);
+    drop(d);
+    Ok(())
+}
+
+/// Rows 8 and 10: the agent channel measured directly, then exec and port-forward
+/// through vesseld's streaming server over the same channel.
+async fn channel_and_streams(env: &Env, with_streams: bool) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    c.pull(&env.busybox).await?;
+    let config = pods::pod_config("chan", &env.work.join("logs"));
+    let (pod, _) = pods::run_pod(&mut c, config.clone()).await?;
+    let (ctr, _) = pods::create_and_start(
+        &mut c,
+        &pod,
+        &config,
+        pods::sleeper_config("target", &env.busybox),
+    )
+    .await?;
     let agent = channel::agent_of(&vm_dir(&d, &pod))?;
     let rtt = channel::health_rtt(&agent, env.plan.rtts).await?;
-    env.add(
-        "8. agent channel: empty call RTT",
-        Unit::Millis,
-        rtt,
-        "Health, one connection",
-    );
+    env.add(RTT, Unit::Millis, rtt, "Health, one connection");
     let (mut out, mut inp) = (Samples::new(), Samples::new());
     for i in 0..env.plan.streams {
         out.push(channel::stream_out(&agent, &ctr, env.plan.stream_bytes, &i.to_string()).await?);
@@ -394,10 +428,131 @@ async fn containers_and_channel(env: &Env) -> anyhow::Result<()> {
         inp,
         format!("exec stdin, {size}"),
     );
+    if with_streams {
+        streams_rows(env, &mut c, &pod, &config).await?;
+    }
     pods::stop_and_remove_pod(&mut c, &pod).await?;
     drop(c);
     drop(d);
     Ok(())
+}
+
+/// Row 10 on a running pod: a container serving the port-forward rows, then exec
+/// (throughput each way, keystroke echo) and port-forward (one connection each way).
+async fn streams_rows(
+    env: &Env,
+    c: &mut CriClient,
+    pod: &str,
+    config: &k8s_cri::v1::PodSandboxConfig,
+) -> anyhow::Result<()> {
+    let bytes = env.plan.stream_bytes;
+    let mut server = pods::sleeper_config("servers", &env.busybox);
+    server.command = vec!["sh".into(), "-c".into(), streams::servers_script(bytes)];
+    let (srv, _) = pods::create_and_start(c, pod, config, server).await?;
+    // The guest's own pipe throughput, timed inside it: what any transport out of
+    // the guest could reach at most.
+    let pipe_bytes = 8 * bytes;
+    let script = format!(
+        "time sh -c '{} | {} >/dev/null'",
+        streams::dd_source(pipe_bytes),
+        streams::DD_SINK
+    );
+    let mut pipe = Samples::new();
+    for _ in 0..env.plan.streams {
+        let r = c
+            .runtime
+            .exec_sync(k8s_cri::v1::ExecSyncRequest {
+                container_id: srv.clone(),
+                cmd: vec!["sh".into(), "-c".into(), script.clone()],
+                timeout: 120,
+            })
+            .await?
+            .into_inner();
+        let report = String::from_utf8_lossy(&r.stderr);
+        let secs = streams::busybox_real_secs(&report)
+            .with_context(|| format!("no time report from the guest: {report}"))?;
+        pipe.push(channel::mib_per_s(
+            pipe_bytes,
+            Duration::from_secs_f64(secs),
+        ));
+    }
+    env.add(
+        "10. in-guest pipe, dd → dd (reference)",
+        Unit::MiBps,
+        pipe,
+        format!(
+            "timed in the guest by busybox time, {} MiB, 10 ms resolution",
+            pipe_bytes / MIB
+        ),
+    );
+    let (mut out, mut inp) = (Samples::new(), Samples::new());
+    for _ in 0..env.plan.streams {
+        out.push(streams::exec_out(c, &srv, bytes).await?);
+        inp.push(streams::exec_in(c, &srv, bytes).await?);
+    }
+    let size = format!("{} MiB per run", bytes / MIB);
+    let vs = |what: &Samples, row: &str| {
+        format!(
+            "{} of row 8 {row}",
+            ratio(what.median(), env.median(&format!("8. agent stream {row}")))
+        )
+    };
+    let note_out = format!("dd from /dev/zero, {size}; {}", vs(&out, "guest → host"));
+    let note_in = format!("into dd, {size}; {}", vs(&inp, "host → guest"));
+    env.add("10. exec stdout over SPDY", Unit::MiBps, out, note_out);
+    env.add("10. exec stdin over SPDY", Unit::MiBps, inp, note_in);
+    let keys = streams::keystrokes(c, &srv, env.plan.rtts.min(100)).await?;
+    let note = format!(
+        "exec -it cat, one byte to its echo; {} row 8 RTT",
+        ratio(keys.median(), env.median(RTT))
+    );
+    env.add("10. exec -it keystroke echo", Unit::Millis, keys, note);
+
+    wait_listening(c, &srv).await?;
+    let (mut down, mut up) = (Samples::new(), Samples::new());
+    for i in 0..env.plan.streams {
+        let id = 2 * i as u32;
+        down.push(streams::port_forward_down(c, pod, bytes, id).await?);
+        up.push(streams::port_forward_up(c, pod, bytes, id + 1).await?);
+    }
+    env.add(
+        "10. port-forward, pod → client",
+        Unit::MiBps,
+        down,
+        format!("one connection, {size} of zeros from nc"),
+    );
+    env.add(
+        "10. port-forward, client → pod",
+        Unit::MiBps,
+        up,
+        format!("one connection, {size} into nc"),
+    );
+    Ok(())
+}
+
+/// Until the servers container's ports listen (TCG is slow to start them).
+async fn wait_listening(c: &mut CriClient, ctr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c
+            .runtime
+            .exec_sync(k8s_cri::v1::ExecSyncRequest {
+                container_id: ctr.into(),
+                cmd: vec!["netstat".into(), "-ltn".into()],
+                timeout: 10,
+            })
+            .await?
+            .into_inner();
+        let listening = String::from_utf8_lossy(&r.stdout).into_owned();
+        let ports = [streams::DOWNLOAD_PORT, streams::UPLOAD_PORT];
+        if ports.iter().all(|p| listening.contains(&format!(":{p} "))) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("port-forward servers not listening: {listening}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 async fn parallel_pods(env: &Env) -> anyhow::Result<()> {

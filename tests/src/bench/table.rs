@@ -90,7 +90,8 @@ pub fn format_value(unit: Unit, value: f64) -> String {
         Unit::Millis if value >= 10.0 => format!("{value:.0} ms"),
         Unit::Millis => format!("{value:.2} ms"),
         Unit::MiB => format!("{value:.1} MiB"),
-        Unit::MiBps => format!("{value:.0} MiB/s"),
+        Unit::MiBps if value >= 10.0 => format!("{value:.0} MiB/s"),
+        Unit::MiBps => format!("{value:.1} MiB/s"),
     }
 }
 
@@ -113,6 +114,7 @@ mod tests {
         assert_eq!(format_value(Unit::Millis, 0.456), "0.46 ms");
         assert_eq!(format_value(Unit::MiB, 240.04), "240.0 MiB");
         assert_eq!(format_value(Unit::MiBps, 141.4), "141 MiB/s");
+        assert_eq!(format_value(Unit::MiBps, 1.26), "1.3 MiB/s");
         assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50×");
         assert_eq!(ratio(None, Some(2.0)), "–");
     }

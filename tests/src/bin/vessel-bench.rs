@@ -1,4 +1,4 @@
-//! `vessel-bench [--quick] [--peer] [--stats-only] [--guest-dir DIR] [--vesseld PATH] [--out FILE]`
+//! `vessel-bench [--quick] [--peer] [--only ROWS] [--stats-only] [--guest-dir DIR] [--vesseld PATH] [--out FILE]`
 //!
 //! Measures pod and container latency, memory per pod, image pull throughput and the
 //! agent channel against their references and prints one markdown table. Needs root
@@ -15,10 +15,12 @@ use vessel_tests::bench::janitor::Janitor;
 use vessel_tests::bench::{self, Options, SharedTable};
 
 const USAGE: &str =
-    "usage: vessel-bench [--quick] [--peer] [--stats-only] [--guest-dir DIR] [--vesseld PATH] [--out FILE]
+    "usage: vessel-bench [--quick] [--peer] [--only ROWS] [--stats-only] [--guest-dir DIR] [--vesseld PATH] [--out FILE]
   --quick      few samples, small image: a smoke run of about 3 minutes
   --peer       also pull with containerd's ctr (installs Debian's containerd)
-  --stats-only only the ListContainerStats rows (row 9)
+  --only       only these rows, comma-separated (e.g. 8,10), with the rows they are
+               measured against in the same phase
+  --stats-only only the ListContainerStats rows (same as --only 9)
   --guest-dir  vmlinux + initrd.img (default: $VESSEL_GUEST_DIR, else /usr/share/vessel)
   --vesseld    the vesseld to measure (default: $VESSELD_BIN, else beside this binary, else on PATH)
   --out        also write the table to FILE";
@@ -31,7 +33,7 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut quick = false;
     let mut peer = false;
-    let mut stats_only = false;
+    let mut only: Option<Vec<u32>> = None;
     let mut guest_dir = std::env::var_os("VESSEL_GUEST_DIR").map(PathBuf::from);
     let mut out = None;
     let mut args = std::env::args().skip(1);
@@ -43,7 +45,16 @@ fn parse_args() -> anyhow::Result<Args> {
         match a.as_str() {
             "--quick" => quick = true,
             "--peer" => peer = true,
-            "--stats-only" => stats_only = true,
+            "--stats-only" => only = Some(vec![9]),
+            "--only" => {
+                let v = value()?;
+                let rows = v
+                    .split(',')
+                    .map(|r| r.trim().parse::<u32>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("--only wants row numbers, got {v:?}\n{USAGE}"))?;
+                only = Some(rows);
+            }
             "--guest-dir" => guest_dir = Some(value()?.into()),
             "--vesseld" => {
                 let v = value()?;
@@ -66,7 +77,7 @@ fn parse_args() -> anyhow::Result<Args> {
         options: Options {
             quick,
             peer,
-            stats_only,
+            only,
             // vesseld's config wants absolute paths.
             guest_dir: std::path::absolute(
                 guest_dir.unwrap_or_else(|| "/usr/share/vessel".into()),
