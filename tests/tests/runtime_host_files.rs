@@ -241,21 +241,6 @@ fn host_mounts_naming(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The mountinfo of this test's virtiofsd processes: their namespace is where the
-/// volumes are mounted (mount points relative to the exported tree).
-fn virtiofsd_mountinfo(d: &vessel_tests::daemon::TestDaemon) -> String {
-    let dir = d.dir().display().to_string();
-    let mut out = String::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("virtiofsd") && cmd.contains(&dir) {
-            out += &std::fs::read_to_string(entry.path().join("mountinfo")).unwrap_or_default();
-        }
-    }
-    out
-}
-
 /// critest's read-only volume specs, and its rslave propagation spec: a hostPath
 /// with a tmpfs below it, bound read-only and recursively read-only. After the
 /// containers ran, the host unmounts the tmpfs and removes the dirs (EBUSY while a
