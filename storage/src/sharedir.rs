@@ -596,6 +596,15 @@ mod tests {
         }
     }
 
+    /// Tears a share dir down even when a test fails halfway (no mounts left over).
+    struct DestroyOnDrop(ShareDir);
+
+    impl Drop for DestroyOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.destroy();
+        }
+    }
+
     impl Drop for Exporter {
         fn drop(&mut self) {
             let _ = self.child.kill();
@@ -627,6 +636,7 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let export = share.export_path();
         assert!(is_mount_root(&export));
         // Repeating create on a live share dir is fine.
@@ -720,6 +730,7 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let Some(fs) = Exporter::start(&share, tmp.path()) else {
             return;
         };
@@ -764,6 +775,7 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let Some(fs) = Exporter::start(&share, tmp.path()) else {
             return;
         };
@@ -805,6 +817,7 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let Some(fs) = Exporter::start(&share, tmp.path()) else {
             return;
         };
@@ -838,6 +851,7 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let Some(fs) = Exporter::start(&share, tmp.path()) else {
             return;
         };
