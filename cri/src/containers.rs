@@ -169,7 +169,7 @@ impl Engine {
                 Ok(id)
             }
             Err(e) => {
-                let _ = live.share.release_container(&id);
+                let _ = crate::volumes::release(&live, &id).await;
                 let _ = self.store.remove_container(&id);
                 Err(e)
             }
@@ -192,7 +192,7 @@ impl Engine {
         live.share
             .expose_layers(layers)
             .map_err(|e| Status::internal(format!("image layer: {e}")))?;
-        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
         for (i, m) in config.mounts.iter().enumerate() {
             if m.container_path.is_empty() || m.host_path.is_empty() {
                 return Err(Status::invalid_argument(
@@ -200,27 +200,30 @@ impl Engine {
                 ));
             }
             crate::validate::mount(m).map_err(|e| crate::status::invalid_input_status(&e))?;
-            let host = Path::new(&m.host_path);
-            if !host.exists() {
+            if !Path::new(&m.host_path).exists() {
                 return Err(Status::invalid_argument(format!(
                     "mount source {} does not exist",
                     m.host_path
                 )));
             }
-            let rel = live
-                .share
-                .bind_volume(id, i, host, m.readonly, m.recursive_read_only)
-                .map_err(|e| Status::internal(format!("volume {}: {e}", m.host_path)))?;
-            mounts.push(GuestMount {
+            volumes.push(crate::volumes::Volume::of(i, m));
+        }
+        let rels = crate::volumes::bind(live, id, volumes).await?;
+        let mounts = config
+            .mounts
+            .iter()
+            .zip(rels)
+            .map(|(m, rel)| GuestMount {
                 destination: m.container_path.clone(),
                 source: format!("{GUEST_SHARE_DIR}/{rel}"),
                 // The host bind is read-only already. A read-only bind in the guest
                 // too would also make the submounts the guest automounts below it
                 // read-only, which a non-recursive read-only volume must not do.
                 readonly: m.readonly
-                    && (m.recursive_read_only || !vessel_storage::sharedir::has_submounts(host)),
-            });
-        }
+                    && (m.recursive_read_only
+                        || !vessel_storage::sharedir::has_submounts(Path::new(&m.host_path))),
+            })
+            .collect();
         let pod_files = [
             ("/etc/hosts", "hosts"),
             ("/etc/resolv.conf", "resolv.conf"),
@@ -426,8 +429,8 @@ impl Engine {
                     return Err(agent_status("agent RemoveContainer", e));
                 }
             }
-            live.share
-                .release_container(&c.id)
+            crate::volumes::release(&live, &c.id)
+                .await
                 .map_err(|e| Status::internal(format!("cannot release volumes: {e}")))?;
         }
         crate::logpump::forget(&self.pod_dir(&c.pod_id), &c.id);

@@ -31,6 +31,7 @@ mod streaming;
 mod validate;
 mod views;
 mod vmsize;
+mod volumes;
 
 use std::path::PathBuf;
 

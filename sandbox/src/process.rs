@@ -334,6 +334,11 @@ impl Proc {
         self.id.pid
     }
 
+    /// Its pidfd (names this process for as long as we hold it; no pid reuse).
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
     /// True once the process has exited.
     pub fn has_exited(&self) -> bool {
         *self.exited.borrow() || exited_now(self.pidfd.as_fd())

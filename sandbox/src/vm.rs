@@ -642,6 +642,10 @@ impl PodVm {
     pub fn vmm_pid(&self) -> i32 {
         self.vmm.pid()
     }
+    /// A pidfd of virtiofsd, whose mount namespace holds the pod's volume binds.
+    pub fn share_exporter(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.virtiofsd.as_ref().map(Proc::pidfd)
+    }
     /// Host pids: the VMM, virtiofsd, then vhost-device-vsock (when used).
     pub fn pids(&self) -> Vec<i32> {
         std::iter::once(&self.vmm)

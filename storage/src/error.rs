@@ -17,6 +17,16 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    /// The process exporting a share dir (virtiofsd) cannot be used for a mount:
+    /// gone, or not (yet) in its own namespace rooted at the share dir.
+    #[error("share dir exporter: {what}: {source}")]
+    Exporter {
+        /// The step that failed.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl StorageError {

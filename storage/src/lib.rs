@@ -5,6 +5,7 @@
 //! atomically with [`PendingSnapshot::commit`].
 
 mod error;
+mod exportns;
 pub mod rootfs;
 pub mod sharedir;
 mod snapshot;

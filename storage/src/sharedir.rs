@@ -16,16 +16,19 @@
 //!   (the agent copies them into guest memory for containers to write).
 //! - `layers/<chain id>`: a read-only bind of each image layer a container of this
 //!   pod uses; a pod VM sees no other image's content.
-//! - `ctr/<container id>/<n>`: one bind mount per container volume.
+//! - `ctr/<container id>/<n>`: one bind mount per container volume, attached only
+//!   in virtiofsd's mount namespace ([`crate::exportns`]): a copy in the host's
+//!   would pin the host mounts below the volume's source. Here it is an empty
+//!   mount point.
 //!
-//! Every mount under `host/` is built detached (`open_tree`), given its flags
+//! Every mount is built detached (`open_tree`), given its flags
 //! (`mount_setattr`), then attached (`move_mount`): a bind followed by a read-only
 //! remount would reach virtiofsd's mount namespace read-write, because remounts do
 //! not propagate. Mounts also get `nosuid,nodev`, so virtiofsd never opens a device
 //! node on the guest's behalf.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +38,7 @@ use rustix::mount::{
     MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
 };
 
+use crate::exportns::{self, RootId};
 use crate::StorageError;
 
 /// A pod's share dir on the host.
@@ -80,13 +84,22 @@ fn private_dir(path: &Path) -> Result<(), StorageError> {
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// Propagation types of `mount_attr.propagation` (linux/mount.h `MS_*`).
+const PROPAGATION_PRIVATE: u64 = 1 << 18;
+const PROPAGATION_SLAVE: u64 = 1 << 19;
 
 /// `mount_setattr(2)` on a detached mount tree (rustix has no wrapper yet).
-fn set_attrs(tree: &OwnedFd, attrs: u64, recursive: bool) -> rustix::io::Result<()> {
+/// `propagation` is 0 (unchanged) or one of the `PROPAGATION_*` types.
+fn set_attrs(
+    tree: &OwnedFd,
+    attrs: u64,
+    propagation: u64,
+    recursive: bool,
+) -> rustix::io::Result<()> {
     let attr = libc::mount_attr {
         attr_set: attrs,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: 0,
     };
     let mut flags = libc::AT_EMPTY_PATH;
@@ -125,26 +138,59 @@ enum ReadOnly {
     Recursive,
 }
 
-/// Attaches a bind of `source` at `target` with its flags already set, so that the
-/// copies propagated to virtiofsd carry them too. `recursive` brings `source`'s
+/// How a volume follows what the host mounts below its source later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Propagation {
+    /// Not at all (CRI `PROPAGATION_PRIVATE`).
+    #[default]
+    Private,
+    /// New host mounts appear in it (CRI `PROPAGATION_HOST_TO_CONTAINER`, rslave).
+    HostToContainer,
+}
+
+/// How a container volume is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeOptions {
+    /// The volume's top mount is read-only (submounts stay writable).
+    pub readonly: bool,
+    /// Every mount of the volume is read-only.
+    pub recursive_readonly: bool,
+    /// Propagation from the host.
+    pub propagation: Propagation,
+}
+
+/// A detached copy of `source` with its flags set, so that wherever it is attached
+/// (and wherever that propagates) it carries them. `recursive` brings `source`'s
 /// submounts along (volumes).
-fn attach_bind(
+fn clone_tree(
     source: &Path,
-    target: &Path,
     recursive: bool,
     readonly: ReadOnly,
-) -> Result<(), StorageError> {
+    propagation: u64,
+) -> Result<OwnedFd, StorageError> {
     let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if recursive {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
     let tree = open_tree(CWD, source, flags).map_err(io_err("clone mount", source))?;
-    set_attrs(&tree, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive)
-        .map_err(io_err("set mount attributes", source))?;
+    set_attrs(
+        &tree,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        propagation,
+        recursive,
+    )
+    .map_err(io_err("set mount attributes", source))?;
     if readonly != ReadOnly::No {
-        set_attrs(&tree, MOUNT_ATTR_RDONLY, readonly == ReadOnly::Recursive)
+        set_attrs(&tree, MOUNT_ATTR_RDONLY, 0, readonly == ReadOnly::Recursive)
             .map_err(io_err("set mount read-only", source))?;
     }
+    Ok(tree)
+}
+
+/// Attaches a bind of `source` at `target` (in our namespace) with its flags
+/// already set, so that the copies propagated to virtiofsd carry them too.
+fn attach_bind(source: &Path, target: &Path, readonly: ReadOnly) -> Result<(), StorageError> {
+    let tree = clone_tree(source, false, readonly, 0)?;
     move_mount(
         &tree,
         "",
@@ -180,6 +226,18 @@ fn detach_entries(dir: &Path) -> Result<(), StorageError> {
         detach_all(&entry.path())?;
     }
     Ok(())
+}
+
+/// Names of the entries of `dir` (none if it is gone).
+fn entry_names(dir: &Path) -> Result<Vec<OsString>, StorageError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(StorageError::io("read", dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StorageError::io("read", dir)(e)),
+    }
 }
 
 /// Mount points at or under `dir`, from /proc/self/mountinfo.
@@ -328,7 +386,7 @@ impl ShareDir {
         let target = self.host().join(&rel);
         if !is_mount_root(&target) {
             private_dir(&target)?;
-            attach_bind(layer_dir, &target, false, ReadOnly::Top)?;
+            attach_bind(layer_dir, &target, ReadOnly::Top)?;
         }
         Ok(rel)
     }
@@ -341,17 +399,17 @@ impl ShareDir {
         Ok(())
     }
 
-    /// Bind-mounts a container volume; returns its path relative to the exported
-    /// tree. A missing source is an error (nothing is created on the host).
-    /// `readonly` makes the volume's top mount read-only, `recursive_readonly` every
-    /// mount below it too.
+    /// Bind-mounts a container volume in the mount namespace of `exporter` (a pidfd
+    /// of the virtiofsd serving this share dir) only; returns its path relative to
+    /// the exported tree. A missing source is an error (nothing is created on the
+    /// host).
     pub fn bind_volume(
         &self,
+        exporter: BorrowedFd<'_>,
         container_id: &str,
         index: usize,
         source: &Path,
-        readonly: bool,
-        recursive_readonly: bool,
+        opts: VolumeOptions,
     ) -> Result<String, StorageError> {
         check_name(container_id)?;
         let meta = std::fs::metadata(source).map_err(StorageError::io("stat", source))?;
@@ -367,19 +425,57 @@ impl ShareDir {
                 .open(&target)
                 .map_err(StorageError::io("create", &target))?;
         }
-        let readonly = match (readonly, recursive_readonly) {
+        let readonly = match (opts.readonly, opts.recursive_readonly) {
             (_, true) => ReadOnly::Recursive,
             (true, false) => ReadOnly::Top,
             (false, false) => ReadOnly::No,
         };
-        attach_bind(source, &target, true, readonly)?;
-        Ok(format!("ctr/{container_id}/{index}"))
+        let propagation = match opts.propagation {
+            Propagation::Private => PROPAGATION_PRIVATE,
+            // A slave receives what the host mounts below the source, sends nothing.
+            Propagation::HostToContainer => PROPAGATION_SLAVE,
+        };
+        let tree = clone_tree(source, true, readonly, propagation)?;
+        let rel = format!("ctr/{container_id}/{index}");
+        exportns::attach(exporter, RootId::of(&self.host())?, tree, &rel)?;
+        Ok(rel)
+    }
+
+    /// Whether the volume at `rel` (as [`ShareDir::bind_volume`] returned it) is
+    /// mounted in `exporter`'s namespace.
+    pub fn volume_is_bound(
+        &self,
+        exporter: BorrowedFd<'_>,
+        rel: &str,
+    ) -> Result<bool, StorageError> {
+        exportns::is_mounted_in(exporter, RootId::of(&self.host())?, rel)
     }
 
     /// Unmounts and removes a container's volumes; what is gone is not an error.
-    pub fn release_container(&self, container_id: &str) -> Result<(), StorageError> {
+    /// With `exporter` (virtiofsd's pidfd; None once it is gone) the binds in its
+    /// namespace are detached first. Removing their (host-side, unmounted) mount
+    /// points detaches whatever is left there too.
+    pub fn release_container(
+        &self,
+        exporter: Option<BorrowedFd<'_>>,
+        container_id: &str,
+    ) -> Result<(), StorageError> {
         check_name(container_id)?;
         let dir = self.host().join("ctr").join(container_id);
+        if let Some(exporter) = exporter {
+            let names = entry_names(&dir)?;
+            if !names.is_empty() {
+                let rel = format!("ctr/{container_id}");
+                match exportns::detach(exporter, RootId::of(&self.host())?, &rel, &names) {
+                    // Its namespace cannot be entered (virtiofsd gone, or not the
+                    // one we started): removing the mount points below still
+                    // detaches whatever is there.
+                    Ok(()) | Err(StorageError::Exporter { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        // Binds made in our namespace by an older vesseld.
         detach_entries(&dir)?;
         remove_unmounted(&dir)
     }
@@ -408,22 +504,112 @@ impl ShareDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use std::os::fd::AsFd;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
 
     fn is_root() -> bool {
         rustix::process::geteuid().is_root()
     }
 
-    /// Whether a process in a fresh mount namespace that is a slave of ours (as
-    /// virtiofsd's is) can create `file`.
+    /// Whether a process in a fresh mount namespace that is a slave of ours can
+    /// create `file`.
     fn writable_from_slave_ns(file: &Path) -> bool {
         let status = Command::new("unshare")
             .args(["-m", "--propagation", "slave", "sh", "-c"])
             .arg(format!("echo x > '{}'", file.display()))
-            .stderr(std::process::Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .unwrap();
         status.success()
+    }
+
+    /// A real virtiofsd exporting a share dir, sandboxed the way vessel-sandbox
+    /// starts it (its own mount namespace rooted at the exported tree).
+    struct Exporter {
+        child: Child,
+        pidfd: OwnedFd,
+        root: RootId,
+    }
+
+    impl Exporter {
+        /// None (test skipped) only with VESSEL_SKIP_VM=1 and no virtiofsd.
+        fn start(share: &ShareDir, scratch: &Path) -> Option<Self> {
+            let bin = std::env::var_os("VESSEL_VIRTIOFSD").unwrap_or_else(|| "virtiofsd".into());
+            let mut share_arg = OsString::from("--shared-dir=");
+            share_arg.push(share.export_path());
+            let mut sock = OsString::from("--socket-path=");
+            sock.push(scratch.join("fs.sock"));
+            let spawned = Command::new(&bin)
+                .arg(sock)
+                .arg(share_arg)
+                .args([
+                    "--sandbox=namespace",
+                    "--seccomp=kill",
+                    "--modcaps=-mknod:-setfcap",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(c) => c,
+                Err(e) if std::env::var("VESSEL_SKIP_VM").as_deref() == Ok("1") => {
+                    eprintln!("skipped: cannot run {bin:?}: {e}");
+                    return None;
+                }
+                Err(e) => panic!("cannot run {bin:?} (set VESSEL_VIRTIOFSD): {e}"),
+            };
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+            let pidfd =
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).unwrap();
+            let root = RootId::of(&share.host()).unwrap();
+            // Ready once it has pivoted into the exported tree.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while RootId::of(Path::new(&format!("/proc/{}/root/", child.id()))).ok() != Some(root) {
+                assert!(
+                    Instant::now() < deadline,
+                    "virtiofsd did not set up its sandbox"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Some(Exporter { child, pidfd, root })
+        }
+
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.pidfd.as_fd()
+        }
+
+        /// Runs `f` with virtiofsd's view: `/` is the exported tree.
+        fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+            exportns::in_exporter_ns(self.fd(), self.root, || Ok(f())).unwrap()
+        }
+
+        fn can_write(&self, rel: &str) -> bool {
+            let p = format!("/{rel}");
+            self.inside(move || std::fs::write(p, "x").is_ok())
+        }
+
+        fn read(&self, rel: &str) -> Option<String> {
+            let p = format!("/{rel}");
+            self.inside(move || std::fs::read_to_string(p).ok())
+        }
+    }
+
+    /// Tears a share dir down even when a test fails halfway (no mounts left over).
+    struct DestroyOnDrop(ShareDir);
+
+    impl Drop for DestroyOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.destroy();
+        }
+    }
+
+    impl Drop for Exporter {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     #[test]
@@ -434,15 +620,30 @@ mod tests {
         check_name("abc123").unwrap();
     }
 
+    const RO: VolumeOptions = VolumeOptions {
+        readonly: true,
+        recursive_readonly: false,
+        propagation: Propagation::Private,
+    };
+    const RW: VolumeOptions = VolumeOptions {
+        readonly: false,
+        recursive_readonly: false,
+        propagation: Propagation::Private,
+    };
+
     #[test]
     fn volumes_layers_and_teardown() {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
         let export = share.export_path();
         assert!(is_mount_root(&export));
         // Repeating create on a live share dir is fine.
         ShareDir::create(&tmp.path().join("share")).unwrap();
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
 
         let snaps = tmp.path().join("snapshots");
         for layer in ["abc", "other"] {
@@ -458,17 +659,20 @@ mod tests {
             std::fs::read_to_string(export.join("layers/abc/f")).unwrap(),
             "layer"
         );
-        // Read-only in ours and in a namespace made like virtiofsd's.
+        // Read-only in ours and in virtiofsd's namespace.
+        assert_eq!(fs.read("layers/abc/f").as_deref(), Some("layer"));
         assert!(std::fs::write(export.join("layers/abc/g"), "x").is_err());
         assert!(!writable_from_slave_ns(&export.join("layers/abc/g")));
+        assert!(!fs.can_write("layers/abc/g"));
         assert!(!snaps.join("abc/g").exists());
         // Only the layers asked for are there.
         assert!(!export.join("layers/other").exists());
 
         // The exported tree itself takes no writes.
         assert!(std::fs::write(export.join("planted"), "x").is_err());
-        assert!(!writable_from_slave_ns(&export.join("pod/planted")));
-        assert!(!writable_from_slave_ns(&export.join("ctr/planted")));
+        assert!(!fs.can_write("planted"));
+        assert!(!fs.can_write("pod/planted"));
+        assert!(!fs.can_write("ctr/planted"));
 
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(&vol).unwrap();
@@ -477,34 +681,35 @@ mod tests {
         std::fs::create_dir_all(&rw_vol).unwrap();
         let file = tmp.path().join("file");
         std::fs::write(&file, "f").unwrap();
-        let rel = share.bind_volume("c1", 0, &vol, true, false).unwrap();
+        let rel = share.bind_volume(fs.fd(), "c1", 0, &vol, RO).unwrap();
         assert_eq!(rel, "ctr/c1/0");
-        let rel_f = share.bind_volume("c1", 1, &file, false, false).unwrap();
-        let rel_rw = share.bind_volume("c1", 2, &rw_vol, false, false).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(export.join(&rel).join("data")).unwrap(),
-            "v"
-        );
-        assert!(std::fs::write(export.join(&rel).join("new"), "x").is_err());
-        assert!(!writable_from_slave_ns(&export.join(&rel).join("new")));
-        assert!(writable_from_slave_ns(&export.join(&rel_rw).join("new")));
+        let rel_f = share.bind_volume(fs.fd(), "c1", 1, &file, RW).unwrap();
+        let rel_rw = share.bind_volume(fs.fd(), "c1", 2, &rw_vol, RW).unwrap();
+        for r in [&rel, &rel_f, &rel_rw] {
+            assert!(share.volume_is_bound(fs.fd(), r).unwrap(), "{r}");
+        }
+        // Only virtiofsd sees the volumes; the host's namespace has no copy.
+        assert!(mounts_under(&share.host().join("ctr")).is_empty());
+        assert!(mounts_under(&export.join("ctr")).is_empty());
+        assert!(!export.join(&rel).join("data").exists());
+        assert_eq!(fs.read(&format!("{rel}/data")).as_deref(), Some("v"));
+        assert!(!fs.can_write(&format!("{rel}/new")));
+        assert!(fs.can_write(&format!("{rel_rw}/new")));
         assert!(rw_vol.join("new").exists());
-        std::fs::write(export.join(&rel_f), "changed").unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "changed");
+        assert!(fs.can_write(&rel_f));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
         assert!(share
-            .bind_volume("c1", 3, &tmp.path().join("missing"), false, false)
+            .bind_volume(fs.fd(), "c1", 3, &tmp.path().join("missing"), RW)
             .is_err());
-        assert!(share.bind_volume("../x", 0, &vol, false, false).is_err());
+        assert!(share.bind_volume(fs.fd(), "../x", 0, &vol, RW).is_err());
         assert_eq!(share.write_pod_file("hosts", b"h").unwrap(), "pod/hosts");
-        assert_eq!(
-            std::fs::read_to_string(export.join("pod/hosts")).unwrap(),
-            "h"
-        );
-        assert!(std::fs::write(export.join("pod/hosts"), "x").is_err());
+        assert_eq!(fs.read("pod/hosts").as_deref(), Some("h"));
+        assert!(!fs.can_write("pod/hosts"));
 
-        share.release_container("c1").unwrap();
+        share.release_container(Some(fs.fd()), "c1").unwrap();
         assert!(!export.join("ctr/c1").exists());
-        share.release_container("c1").unwrap();
+        assert!(fs.read(&format!("{rel}/data")).is_none());
+        share.release_container(Some(fs.fd()), "c1").unwrap();
         // The host data behind the volumes is untouched.
         assert!(vol.join("data").exists());
         assert!(rw_vol.join("new").exists());
@@ -513,40 +718,130 @@ mod tests {
         assert!(!tmp.path().join("share").exists());
         assert!(snaps.join("abc/f").exists());
         share.destroy().unwrap();
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!info.contains(&*tmp.path().to_string_lossy()), "{info}");
+        assert!(mounts_under(tmp.path()).is_empty());
     }
 
-    /// CRI read-only: the volume's own files take no writes, a filesystem mounted
-    /// below it does; recursive read-only: neither does.
+    /// critest's read-only volume specs: a hostPath with a tmpfs below it, bound
+    /// read-only (plain and recursive). CRI read-only leaves the submount writable,
+    /// recursive read-only does not; and the host can unmount the tmpfs and remove
+    /// its dir while the volumes are bound.
     #[test]
-    fn read_only_volumes_and_their_submounts() {
+    fn read_only_volumes_do_not_pin_host_submounts() {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
-        let export = share.export_path();
+        let _teardown = DestroyOnDrop(share.clone());
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
         let vol = tmp.path().join("vol");
-        std::fs::create_dir_all(vol.join("tmpfs")).unwrap();
-        rustix::mount::mount(
-            "none",
-            vol.join("tmpfs"),
-            "tmpfs",
-            MountFlags::empty(),
-            None,
+        let sub = vol.join("tmpfs");
+        std::fs::create_dir_all(&sub).unwrap();
+        rustix::mount::mount("none", &sub, "tmpfs", MountFlags::empty(), None).unwrap();
+        assert!(!has_submounts(&sub));
+        assert!(has_submounts(&vol));
+        let rro = VolumeOptions {
+            recursive_readonly: true,
+            ..RO
+        };
+        let top = share.bind_volume(fs.fd(), "c1", 0, &vol, RO).unwrap();
+        let all = share.bind_volume(fs.fd(), "c1", 1, &vol, rro).unwrap();
+        assert!(!fs.can_write(&format!("{top}/top")));
+        assert!(fs.can_write(&format!("{top}/tmpfs/sub")));
+        assert!(!fs.can_write(&format!("{all}/top")));
+        assert!(!fs.can_write(&format!("{all}/tmpfs/sub2")));
+        // No copy in the host's namespace: the host's own mount is the only one.
+        assert_eq!(mounts_under(&vol), vec![sub.to_string_lossy().into_owned()]);
+        assert!(mounts_under(&share.base)
+            .iter()
+            .all(|m| !m.contains("/ctr")));
+
+        // Plain (not lazy) unmount and removal while both volumes are bound.
+        rustix::mount::unmount(&sub, UnmountFlags::empty()).unwrap();
+        std::fs::remove_dir(&sub).unwrap();
+        std::fs::remove_dir(&vol).unwrap();
+
+        share.release_container(Some(fs.fd()), "c1").unwrap();
+        assert!(!share.volume_is_bound(fs.fd(), &top).unwrap());
+        share.destroy().unwrap();
+        assert!(mounts_under(tmp.path()).is_empty());
+    }
+
+    /// HOST_TO_CONTAINER: a mount made on the host below the source after the bind
+    /// appears in the volume; PRIVATE: it does not. The volume's own mounts never
+    /// reach the host.
+    #[test]
+    fn propagation_from_the_host() {
+        assert!(is_root(), "this test needs root (mounts)");
+        let tmp = tempfile::tempdir().unwrap();
+        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
+        // A shared source, as a kubelet's hostPath for propagation would be.
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("later")).unwrap();
+        mount_bind(&src, &src).unwrap();
+        mount_change(&src, MountPropagationFlags::PRIVATE).unwrap();
+        mount_change(&src, MountPropagationFlags::SHARED).unwrap();
+        let slave = VolumeOptions {
+            propagation: Propagation::HostToContainer,
+            ..RW
+        };
+        let follows = share.bind_volume(fs.fd(), "c1", 0, &src, slave).unwrap();
+        let private = share.bind_volume(fs.fd(), "c1", 1, &src, RW).unwrap();
+
+        let later = src.join("later");
+        rustix::mount::mount("none", &later, "tmpfs", MountFlags::empty(), None).unwrap();
+        std::fs::write(later.join("flag"), "new").unwrap();
+        assert_eq!(
+            fs.read(&format!("{follows}/later/flag")).as_deref(),
+            Some("new")
+        );
+        assert!(fs.read(&format!("{private}/later/flag")).is_none());
+        // Unmounting on the host takes the propagated copy away too.
+        rustix::mount::unmount(&later, UnmountFlags::empty()).unwrap();
+        assert!(fs.read(&format!("{follows}/later/flag")).is_none());
+
+        share.release_container(Some(fs.fd()), "c1").unwrap();
+        rustix::mount::unmount(&src, UnmountFlags::empty()).unwrap();
+        share.destroy().unwrap();
+        assert!(mounts_under(tmp.path()).is_empty());
+    }
+
+    /// Without virtiofsd's pidfd (after it is gone, or a failed create), removing
+    /// the mount points on the host detaches the binds in its namespace.
+    #[test]
+    fn release_without_the_exporter_still_detaches() {
+        assert!(is_root(), "this test needs root (mounts)");
+        let tmp = tempfile::tempdir().unwrap();
+        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir_all(vol.join("sub")).unwrap();
+        std::fs::write(vol.join("sub/data"), "keep").unwrap();
+        let rel = share.bind_volume(fs.fd(), "c1", 0, &vol, RW).unwrap();
+        assert!(share.volume_is_bound(fs.fd(), &rel).unwrap());
+        share.release_container(None, "c1").unwrap();
+        assert!(fs.read(&format!("{rel}/sub/data")).is_none());
+        assert_eq!(
+            std::fs::read_to_string(vol.join("sub/data")).unwrap(),
+            "keep"
+        );
+        // An exporter that is not sandboxed in the share dir is refused.
+        let me = rustix::process::pidfd_open(
+            rustix::process::getpid(),
+            rustix::process::PidfdFlags::empty(),
         )
         .unwrap();
-        assert!(!has_submounts(&vol.join("tmpfs")));
-        assert!(has_submounts(&vol));
-        let top = share.bind_volume("c1", 0, &vol, true, false).unwrap();
-        let all = share.bind_volume("c1", 1, &vol, true, true).unwrap();
-        assert!(!writable_from_slave_ns(&export.join(&top).join("top")));
-        assert!(writable_from_slave_ns(&export.join(&top).join("tmpfs/sub")));
-        assert!(!writable_from_slave_ns(&export.join(&all).join("top")));
-        assert!(!writable_from_slave_ns(
-            &export.join(&all).join("tmpfs/sub2")
-        ));
-        share.release_container("c1").unwrap();
-        rustix::mount::unmount(vol.join("tmpfs"), UnmountFlags::DETACH).unwrap();
+        let e = share
+            .bind_volume(me.as_fd(), "c2", 0, &vol, RW)
+            .unwrap_err();
+        assert!(matches!(e, StorageError::Exporter { .. }), "{e}");
         share.destroy().unwrap();
         assert!(mounts_under(tmp.path()).is_empty());
     }
@@ -556,11 +851,16 @@ mod tests {
         assert!(is_root(), "this test needs root (mounts)");
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(vol.join("sub")).unwrap();
         std::fs::write(vol.join("sub/data"), "keep").unwrap();
-        share.bind_volume("c1", 0, &vol, false, false).unwrap();
+        share.bind_volume(fs.fd(), "c1", 0, &vol, RW).unwrap();
         share.destroy().unwrap();
+        drop(fs);
         assert_eq!(
             std::fs::read_to_string(vol.join("sub/data")).unwrap(),
             "keep"

@@ -452,6 +452,18 @@ async fn state_survives_a_vesseld_kill() {
     .await
     .unwrap();
     start(&mut c, &short).await;
+    // A volume bound in virtiofsd's namespace, released after the restart.
+    let vol = d.dir().join("keepvol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let mut with_vol = container_config("vol", &image, &["true"]);
+    with_vol.mounts = vec![cri::Mount {
+        container_path: "/vol".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    }];
+    let with_vol = create(&mut c, &pod, &pod_cfg, with_vol).await.unwrap();
+    let bound = format!(" /ctr/{with_vol}/0 ");
+    assert!(virtiofsd_mountinfo(&d).contains(&bound));
 
     d.kill9();
     // SAFETY: kill(2) on the pid vesseld reported for this test's VM.
@@ -495,6 +507,13 @@ async fn state_survives_a_vesseld_kill() {
         entries,
         vec![("stdout".to_string(), "F".to_string(), "bye".to_string())]
     );
+    c.runtime
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: with_vol.clone(),
+        })
+        .await
+        .expect("RemoveContainer after restart");
+    assert!(!virtiofsd_mountinfo(&d).contains(&bound));
     let r = exec(&mut c, &long, &["echo", "still here"], 30)
         .await
         .expect("ExecSync after restart");

@@ -2,6 +2,8 @@
 //! where they belong, end to end with one pod VM: modes of everything under root
 //! and run_root after a pull and a pod, a layer's setuid file and device node out of
 //! other users' reach, log_path escapes and unusable seccomp profiles refused.
+//! Volumes hold no copy in the host's mount namespace: the host can unmount and
+//! remove what is below a volume's source while the container is there.
 
 mod runtime_common;
 
@@ -225,5 +227,160 @@ async fn host_files_are_private_and_cri_paths_are_checked() {
         })
         .await
         .unwrap();
+    assert_no_leaks(&d);
+}
+
+/// Lines of the host's mountinfo that name `path`.
+fn host_mounts_naming(path: &Path) -> Vec<String> {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&p))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// critest's read-only volume specs, and its rslave propagation spec: a hostPath
+/// with a tmpfs below it, bound read-only and recursively read-only. After the
+/// containers ran, the host unmounts the tmpfs and removes the dirs (EBUSY while a
+/// copy of the volume lived in the host's namespace), then RemovePodSandbox
+/// leaves nothing mounted.
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_do_not_pin_host_mounts() {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let Some((_reg, d, mut c, image)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+    let host = d.dir().join("hostpath");
+    let sub = host.join("tmpfs");
+    std::fs::create_dir_all(&sub).unwrap();
+    mount(
+        Some("none"),
+        &sub,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    std::fs::write(sub.join("f"), "sub").unwrap();
+    // A shared source for HOST_TO_CONTAINER, as critest makes it.
+    let prop = d.dir().join("prop");
+    std::fs::create_dir_all(prop.join("later")).unwrap();
+    mount(
+        Some(&prop),
+        &prop,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    mount(
+        None::<&str>,
+        &prop,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+
+    let logs = d.dir().join("logs/vols");
+    let pod_cfg = pod_config("vols", &logs);
+    let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    let volume = |readonly, recursive_read_only| {
+        vec![cri::Mount {
+            container_path: "/mnt".into(),
+            host_path: host.display().to_string(),
+            readonly,
+            recursive_read_only,
+            ..Default::default()
+        }]
+    };
+    // Read-only: the volume's own files take no writes, the tmpfs below does.
+    let mut ro = container_config(
+        "ro",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "touch /mnt/tmpfs/ro && ! touch /mnt/top && cat /mnt/tmpfs/f",
+        ],
+    );
+    ro.mounts = volume(true, false);
+    // Recursive read-only: neither does.
+    let mut rro = container_config(
+        "rro",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "! touch /mnt/tmpfs/rro && ! touch /mnt/top && cat /mnt/tmpfs/f",
+        ],
+    );
+    rro.mounts = volume(true, true);
+    let mut follows = container_config("follows", &image, &["sleep", "300"]);
+    follows.mounts = vec![cri::Mount {
+        container_path: "/prop".into(),
+        host_path: prop.display().to_string(),
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..Default::default()
+    }];
+    let ro = run_container(&mut c, &pod, &pod_cfg, ro).await;
+    let rro = run_container(&mut c, &pod, &pod_cfg, rro).await;
+    let follows = run_container(&mut c, &pod, &pod_cfg, follows).await;
+    for id in [&ro, &rro] {
+        let s = wait_exited(&mut c, id, Duration::from_secs(60)).await;
+        assert_eq!(s.exit_code, 0, "{id}: {s:?}");
+    }
+    assert!(sub.join("ro").exists());
+    assert!(!sub.join("rro").exists() && !host.join("top").exists());
+    // The host's namespace holds its own tmpfs and no copy of either volume.
+    assert_eq!(
+        host_mounts_naming(&host).len(),
+        1,
+        "{:?}",
+        host_mounts_naming(&host)
+    );
+
+    // A mount made on the host after the start reaches the HOST_TO_CONTAINER volume.
+    let later = prop.join("later");
+    mount(
+        Some("none"),
+        &later,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    std::fs::write(later.join("flag"), "new").unwrap();
+    let r = exec(&mut c, &follows, &["cat", "/prop/later/flag"], 10)
+        .await
+        .expect("ExecSync");
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice()),
+        (0, &b"new"[..]),
+        "{r:?}"
+    );
+
+    // With the containers still there: unmount (not lazily) and remove.
+    umount2(&sub, MntFlags::empty()).expect("unmount the tmpfs below a volume");
+    std::fs::remove_dir(&sub).expect("remove the tmpfs dir");
+    std::fs::remove_dir_all(&host).expect("remove the hostPath");
+    umount2(&later, MntFlags::MNT_DETACH).unwrap();
+    umount2(&prop, MntFlags::MNT_DETACH).unwrap();
+    std::fs::remove_dir_all(&prop).expect("remove the propagation source");
+
+    for id in [&ro, &rro] {
+        c.runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .expect("RemoveContainer");
+        assert!(!virtiofsd_mountinfo(&d).contains(&format!("/ctr/{id}/")));
+    }
+    assert!(virtiofsd_mountinfo(&d).contains(&format!(" /ctr/{follows}/0 ")));
+    remove_pod(&mut c, &pod).await;
     assert_no_leaks(&d);
 }

@@ -3,6 +3,8 @@
 //! reads), run_as_user/run_as_group/supplemental groups and run_as_username against
 //! the image's /etc/passwd, a Localhost seccomp profile, the image's StopSignal,
 //! a container restarted with a new attempt, and ExecSync exit codes and timeout.
+//! Supplemental groups policy: Merge adds the image's /etc/group memberships of the
+//! user, Strict only the groups the security context names.
 
 mod runtime_common;
 
@@ -287,5 +289,71 @@ async fn users_seccomp_stop_signal_restart_and_exec() {
         })
         .await
         .expect("RemovePodSandbox");
+    assert_no_leaks(&d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn supplemental_groups_policy_merge_and_strict() {
+    let Some((reg, d, mut c, _)) = setup().await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+    // Busybox whose /etc/group makes user vessel (1000) a member of group 4000.
+    let mut b = testimages::TarBuilder::new();
+    b.dir("etc/", 0o755)
+        .unwrap()
+        .file(
+            "etc/group",
+            b"root:x:0:\nvessel:x:1000:\nimagegrp:x:4000:vessel\nnogroup:x:65534:\n",
+            0o644,
+        )
+        .unwrap();
+    let groups_layer =
+        testimages::Layer::new(b.finish().unwrap(), testimages::LayerCompression::Gzip).unwrap();
+    let base = testimages::busybox_layer(testimages::LayerCompression::Gzip).unwrap();
+    let image = testimages::push_layers(&reg, "runtime/groups:1", vec![base, groups_layer])
+        .await
+        .unwrap()
+        .reference;
+    c.pull(&image).await.expect("pull");
+
+    let logs = d.dir().join("logs/groups");
+    let pod_cfg = pod_config("groups", &logs);
+    let pod = run_pod(&mut c, &pod_cfg, "").await.expect("RunPodSandbox");
+    let policy = |name: &str, p: cri::SupplementalGroupsPolicy| {
+        with_sc(
+            container_config(name, &image, &["id", "-G"]),
+            cri::LinuxContainerSecurityContext {
+                run_as_username: "vessel".into(),
+                supplemental_groups: vec![5000],
+                supplemental_groups_policy: p as i32,
+                ..Default::default()
+            },
+        )
+    };
+    let mut groups = Vec::new();
+    for (name, p) in [
+        ("merge", cri::SupplementalGroupsPolicy::Merge),
+        ("strict", cri::SupplementalGroupsPolicy::Strict),
+    ] {
+        let id = run_container(&mut c, &pod, &pod_cfg, policy(name, p)).await;
+        let s = wait_exited(&mut c, &id, Duration::from_secs(60)).await;
+        assert_eq!(s.exit_code, 0, "{name}: {s:?}");
+        let out: Vec<String> = read_log(&logs.join(format!("{name}/0.log")))
+            .into_iter()
+            .map(|(_, _, m)| m)
+            .collect();
+        let mut ids: Vec<u32> = out
+            .concat()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        ids.sort_unstable();
+        groups.push(ids);
+    }
+    // The primary group, the image's membership (Merge only), the named group.
+    assert_eq!(groups[0], [1000, 4000, 5000], "merge");
+    assert_eq!(groups[1], [1000, 5000], "strict");
+    remove_pod(&mut c, &pod).await;
     assert_no_leaks(&d);
 }

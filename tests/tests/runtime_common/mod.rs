@@ -251,6 +251,21 @@ pub fn assert_no_leaks(d: &TestDaemon) {
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
 }
 
+/// The mountinfo of this test's virtiofsd processes: their namespace is where the
+/// volumes are mounted (mount points relative to the exported tree).
+pub fn virtiofsd_mountinfo(d: &TestDaemon) -> String {
+    let dir = d.dir().display().to_string();
+    let mut out = String::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("virtiofsd") && cmd.contains(&dir) {
+            out += &std::fs::read_to_string(entry.path().join("mountinfo")).unwrap_or_default();
+        }
+    }
+    out
+}
+
 /// Kills what a failed test left (VM processes, mounts) so later tests start clean.
 pub struct Cleanup(pub PathBuf);
 
