@@ -232,6 +232,66 @@ async fn pod_user_namespaces() {
         .map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect())
         .collect();
     assert_eq!(exec_maps, vec![vec![0, 1000, 100000], vec![0, 2000, 65536]]);
+    // An exec takes on the container's identity inside the namespace: user,
+    // groups, capabilities, no_new_privs and seccomp filter, as its main process.
+    const STATUS: &str = "^(Uid|Gid|Groups|CapEff|CapPrm|CapBnd|Seccomp|NoNewPrivs):";
+    let mut confined = container_with(
+        "confined",
+        &image,
+        &[
+            "sh",
+            "-c",
+            &format!("grep -E '{STATUS}' /proc/self/status; exec sleep 3600"),
+        ],
+        Some(&pod_ns),
+    );
+    if let Some(sc) = confined
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.run_as_user = Some(cri::Int64Value { value: 1000 });
+        sc.no_new_privs = true;
+        sc.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            localhost_ref: String::new(),
+        });
+    }
+    let confined = run_container(&mut c, &pod, &pod_cfg, confined).await;
+    let norm = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+    let main_status: Vec<String> = {
+        let log = pod_logs.join("confined/0.log");
+        let mut lines = Vec::new();
+        for _ in 0..150 {
+            lines = read_log(&log)
+                .into_iter()
+                .map(|(_, _, m)| norm(&m))
+                .collect();
+            if lines.len() >= 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        lines
+    };
+    assert!(
+        main_status.contains(&"Uid: 1000 1000 1000 1000".to_string()),
+        "{main_status:?}"
+    );
+    assert!(
+        main_status.contains(&"Seccomp: 2".to_string()),
+        "{main_status:?}"
+    );
+    let exec_status: Vec<String> = exec_out(
+        &mut c,
+        &confined,
+        &["grep", "-E", STATUS, "/proc/self/status"],
+    )
+    .await
+    .lines()
+    .map(norm)
+    .collect();
+    assert_eq!(exec_status, main_status);
     // Root inside; the pod's PID and IPC namespaces are shared and usable.
     assert_eq!(exec_out(&mut c, &a, &["id", "-u"]).await, "0");
     let ipc_a = exec_out(&mut c, &a, &["readlink", "/proc/self/ns/ipc"]).await;
@@ -240,7 +300,7 @@ async fn pod_user_namespaces() {
         exec_out(&mut c, &b, &["readlink", "/proc/self/ns/ipc"]).await
     );
     let ps = exec_out(&mut c, &a, &["ps", "-o", "args"]).await;
-    assert_eq!(ps.matches("sleep 3600").count(), 2, "{ps}");
+    assert_eq!(ps.matches("sleep 3600").count(), 3, "{ps}");
     // /sys is the VM's, read-only.
     assert!(!exec_out(&mut c, &a, &["ls", "/sys/class/net"])
         .await
