@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::watch;
 
 use crate::cgroup;
@@ -301,20 +302,38 @@ impl Containers {
             let c = self.get(other)?;
             Ok(Some(format!("/proc/{}/ns/{kind}", c.main.pid)))
         };
+        let mut spec = spec::parse(&req.spec_json)?;
+        let userns = spec::requested_userns(&spec)?;
+        // The pod init holds the pod's PID namespace and, when asked, its user
+        // namespace (with the PID and IPC namespaces it owns).
+        let pod_init = if req.pod_pid_ns || userns.is_some() {
+            Some(crate::podinit::ensure(&self.reaper, userns.as_ref()).await?)
+        } else {
+            None
+        };
+        let pod_ns = |kind: &str| pod_init.map(|init| format!("/proc/{init}/ns/{kind}"));
         let pid_ns_path = if req.pod_pid_ns {
-            let init = crate::podinit::ensure(&self.reaper).await?;
-            Some(format!("/proc/{init}/ns/pid"))
+            pod_ns("pid")
         } else {
             ns_path(&req.share_pid_with, "pid")?
+        };
+        // No IPC namespace in the spec means the pod's: with a user namespace that is
+        // the one the pod init holds, not the VM's (which the container could not use).
+        let ipc_ns_path = match ns_path(&req.share_ipc_with, "ipc")? {
+            None if userns.is_some() && !spec::has_namespace(&spec, LinuxNamespaceType::Ipc) => {
+                pod_ns("ipc")
+            }
+            other => other,
         };
         let adj = spec::Adjust {
             container_id: req.id.clone(),
             rootfs: req.rootfs.clone(),
             pid_ns_path,
-            ipc_ns_path: ns_path(&req.share_ipc_with, "ipc")?,
+            ipc_ns_path,
+            user_ns_path: userns.as_ref().and_then(|_| pod_ns("user")),
         };
         crate::podfiles::ensure()?;
-        let mut spec = spec::prepare(&req.spec_json, &adj)?;
+        spec::adjust(&mut spec, &adj)?;
         // Pod-wide: set (again, harmlessly) by every container of the pod.
         crate::sysctl::apply(&crate::sysctl::take_guest_sysctls(&mut spec))?;
         let tty = spec::tty_size(spec.process().as_ref());
@@ -333,7 +352,17 @@ impl Containers {
             )?;
             Some(PathBuf::from(&req.rootfs))
         };
-        let result = self.create_inner(&req, &dir, spec, tty).await;
+        let result = match (&adj.user_ns_path, spec.mounts()) {
+            (Some(_), Some(mounts)) => {
+                crate::mounts::create_mount_points(Path::new(&req.rootfs), mounts)
+                    .map_err(Error::from)
+            }
+            _ => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => self.create_inner(&req, &dir, spec, tty).await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok((main, since)) => {
                 let cgroup = cgroup::path(&req.id);

@@ -5,6 +5,7 @@ mod boot;
 mod cgroup;
 mod clock;
 mod containers;
+mod execuserns;
 mod log;
 mod modules;
 mod mounts;

@@ -82,11 +82,22 @@ fn stdio_fds(builder: ContainerBuilder, with_stdio: bool) -> ContainerBuilder {
     builder.with_stdin(i).with_stdout(o).with_stderr(e)
 }
 
-/// The seccomp profile of a created container, from the spec it was created with.
-fn container_seccomp(id: &str) -> anyhow::Result<Option<LinuxSeccomp>> {
+/// The spec a container was created with.
+fn container_spec(id: &str) -> anyhow::Result<Spec> {
     let c = Container::load(PathBuf::from(STATE_ROOT).join(id))?;
-    let spec = Spec::load(c.bundle().join("config.json"))?;
-    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+    Ok(Spec::load(c.bundle().join("config.json"))?)
+}
+
+/// The path of the user namespace a container joined (the pod's), if any.
+fn container_userns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)?
+        .path()
+        .clone()
 }
 
 /// The exec'd process loads its filter in `SeccompExecutor`, after libcontainer's
@@ -122,13 +133,18 @@ fn process_able_to_load_seccomp(path: &std::path::Path) -> anyhow::Result<PathBu
 /// `linux` section without `seccomp`, but an OCI runtime must apply the container's
 /// filter to exec'd processes too (runc does). The executor runs last, as close to
 /// the program's execve as libcontainer's own late load.
+/// In a pod with a user namespace it first joins that (see `execuserns`).
 #[derive(Clone)]
 struct SeccompExecutor {
     seccomp: Option<LinuxSeccomp>,
+    userns: Option<crate::execuserns::Entry>,
 }
 
 impl Executor for SeccompExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(u) = &self.userns {
+            u.enter().map_err(ExecutorError::Other)?;
+        }
         if let Some(seccomp) = &self.seccomp {
             if libcontainer::seccomp::is_notify(seccomp) {
                 // A notify fd needs a listener handshake only init processes get.
@@ -138,6 +154,9 @@ impl Executor for SeccompExecutor {
             }
             libcontainer::seccomp::initialize_seccomp(seccomp)
                 .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
+        }
+        if let Some(u) = &self.userns {
+            u.drop_capabilities().map_err(ExecutorError::Other)?;
         }
         DefaultExecutor {}.exec(spec)
     }
@@ -182,18 +201,25 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         // exec <id> <process.json> <pid_file> <console_socket|""> <stdio: 0|1>
         "exec" => {
             let process = opt(args.get(2)).ok_or_else(|| anyhow::anyhow!("no process"))?;
-            let seccomp = container_seccomp(&id)?;
-            let process = if seccomp.is_some() {
-                process_able_to_load_seccomp(&process)?
-            } else {
-                process
+            let spec = container_spec(&id)?;
+            let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+            // Held open until the exec is built: its number is the executor's.
+            let mut _userns_fd = None;
+            let (process, userns) = match container_userns(&spec) {
+                Some(ns) => {
+                    let (fd, process, entry) = crate::execuserns::prepare(&ns, &process)?;
+                    _userns_fd = Some(fd);
+                    (process, Some(entry))
+                }
+                None if seccomp.is_some() => (process_able_to_load_seccomp(&process)?, None),
+                None => (process, None),
             };
             let b = ContainerBuilder::new(id, SyscallType::default())
                 .with_root_path(STATE_ROOT)?
                 .with_pid_file(opt(args.get(3)))?
                 .with_console_socket(opt(args.get(4)));
             let b = stdio_fds(b, args.get(5).map(String::as_str) == Some("1"));
-            b.with_executor(SeccompExecutor { seccomp })
+            b.with_executor(SeccompExecutor { seccomp, userns })
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)

@@ -114,6 +114,12 @@ impl Engine {
         let passwd = read_merged_file(&layers, "etc/passwd").unwrap_or_default();
         let group = read_merged_file(&layers, "etc/group").unwrap_or_default();
 
+        // The stored config decides: it is what the pod was started (and checked) with.
+        let pod_userns = crate::userns::for_pod(&Engine::pod_config(&pod))
+            .map_err(|e| invalid_input_status(&e))?;
+        crate::userns::check_container(pod_userns, crate::userns::container_options(&config))
+            .map_err(|e| invalid_input_status(&e))?;
+
         let id = new_id();
         let log_path = crate::validate::log_path(&pod_config.log_directory, &config.log_path)
             .map_err(|e| invalid_input_status(&e))?;
@@ -159,6 +165,7 @@ impl Engine {
                 &passwd,
                 &group,
                 &layers,
+                pod_userns,
             )
             .await
         {
@@ -187,6 +194,7 @@ impl Engine {
         passwd: &[u8],
         group: &[u8],
         layers: &[std::path::PathBuf],
+        userns: Option<crate::userns::PodUserns>,
     ) -> Result<String, Status> {
         // Only this image's layers reach the VM; they stay until the pod goes.
         live.share
@@ -261,6 +269,7 @@ impl Engine {
             mounts,
             pod_files,
             localhost_seccomp,
+            userns,
         })
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let process_json = serde_json::to_string(&spec.process())

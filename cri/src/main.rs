@@ -28,6 +28,7 @@ mod stats;
 mod status;
 mod store;
 mod streaming;
+mod userns;
 mod validate;
 mod views;
 mod vmsize;

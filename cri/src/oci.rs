@@ -9,11 +9,12 @@ use std::str::FromStr;
 use k8s_cri::v1 as cri;
 use oci_spec::image::Config as ImageConfig;
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxNamespaceType,
-    LinuxResources, LinuxSeccomp, Mount, Process, Root, Spec, User,
+    Capability, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxNamespace,
+    LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount, Process, Root, Spec, User,
 };
 
 use crate::passwd::{self, UserError};
+use crate::userns::{self, PodUserns};
 
 /// A bind mount whose source is a guest path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +39,8 @@ pub struct SpecInput<'a> {
     pub pod_files: Vec<GuestMount>,
     /// Contents of a `Localhost` seccomp profile, read by the caller.
     pub localhost_seccomp: Option<String>,
+    /// The pod's user namespace (POD mode), validated by the caller.
+    pub userns: Option<PodUserns>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -544,6 +547,15 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec, SpecError> {
         !(n.typ() == LinuxNamespaceType::Pid && pid_mode == node
             || n.typ() == LinuxNamespaceType::Ipc && ipc_shared)
     });
+    // The pod's one user namespace: the agent creates it (with the pod's PID and
+    // IPC namespaces inside it) from these mappings, and joins every container to it.
+    if let Some(u) = input.userns {
+        let mut user = LinuxNamespace::default();
+        user.set_typ(LinuxNamespaceType::User);
+        namespaces.push(user);
+        linux.set_uid_mappings(Some(vec![userns::oci_mapping(u.uids)?]));
+        linux.set_gid_mappings(Some(vec![userns::oci_mapping(u.gids)?]));
+    }
     linux.set_namespaces(Some(namespaces));
     spec.set_linux(Some(linux));
 
@@ -615,6 +627,7 @@ mod tests {
                 },
             ],
             localhost_seccomp: None,
+            userns: None,
         })
     }
 
@@ -751,6 +764,7 @@ mod tests {
             mounts: vec![],
             pod_files: vec![],
             localhost_seccomp: None,
+            userns: None,
         });
         assert!(matches!(e, Err(SpecError::User(_))));
     }
@@ -913,6 +927,59 @@ mod tests {
     }
 
     #[test]
+    fn pod_user_namespace_and_mappings() {
+        let c = cri::ContainerConfig {
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        let pod = pod();
+        let range = |host_id| crate::userns::IdRange {
+            container_id: 0,
+            host_id,
+            length: 65536,
+        };
+        let spec = build(&SpecInput {
+            container: &c,
+            pod: &pod,
+            image: None,
+            passwd: "",
+            group: "",
+            mounts: vec![],
+            pod_files: vec![],
+            localhost_seccomp: None,
+            userns: Some(PodUserns {
+                uids: range(1000),
+                gids: range(2000),
+            }),
+        })
+        .unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let user: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|n| n.typ() == LinuxNamespaceType::User)
+            .collect();
+        assert_eq!(user.len(), 1);
+        assert!(user[0].path().is_none());
+        let uid = &linux.uid_mappings().as_ref().unwrap()[..];
+        let gid = &linux.gid_mappings().as_ref().unwrap()[..];
+        assert_eq!((uid[0].host_id(), uid[0].size()), (1000, 65536));
+        assert_eq!((gid[0].host_id(), gid[0].container_id()), (2000, 0));
+        // Without: no user namespace, no mappings.
+        let plain = build_with(&c, None).unwrap();
+        let linux = plain.linux().as_ref().unwrap();
+        assert!(linux.uid_mappings().is_none());
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|n| n.typ() != LinuxNamespaceType::User));
+    }
+
+    #[test]
     fn localhost_seccomp_is_parsed() {
         let mut c = cri::ContainerConfig {
             command: vec!["x".into()],
@@ -932,6 +999,7 @@ mod tests {
             mounts: vec![],
             pod_files: vec![],
             localhost_seccomp: text.map(str::to_owned),
+            userns: None,
         };
         let spec = build(&input(Some(
             r#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}"#,

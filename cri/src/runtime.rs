@@ -128,7 +128,7 @@ impl RuntimeService for RuntimeSvc {
                 name: name.clone(),
                 features: Some(cri::RuntimeHandlerFeatures {
                     recursive_read_only_mounts: true,
-                    user_namespaces: false,
+                    user_namespaces: true,
                 }),
             })
             .collect();

@@ -28,6 +28,9 @@ pub enum InvalidInput {
         container_path: String,
         reason: &'static str,
     },
+    /// User namespace options vessel cannot honour.
+    #[error("user namespace options: {reason}")]
+    UserNamespace { reason: String },
 }
 
 /// Checks what a CRI mount asks for against what a pod VM can give. Bidirectional

@@ -68,6 +68,11 @@ async fn version_status_and_runtime_config() {
         .and_then(|h| h.features)
         .expect("default handler \"\"");
     assert!(features.recursive_read_only_mounts);
+    // Every handler offers pod user namespaces.
+    assert!(s
+        .runtime_handlers
+        .iter()
+        .all(|h| h.features.is_some_and(|f| f.user_namespaces)));
     assert!(s.features.expect("features").supplemental_groups_policy);
 
     let rc = c
