@@ -109,6 +109,10 @@ pub struct Container {
     /// Rootfs overlay the agent mounted (unmounted on removal).
     overlay: Option<PathBuf>,
     pub rootfs_upper: Option<PathBuf>,
+    /// Overlay upper and work dirs as asked ("" without overlay), removed with the
+    /// container: on the scratch disk they hold everything it wrote.
+    overlay_upper: String,
+    overlay_work: String,
     started: Mutex<bool>,
     pub main: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -351,6 +355,8 @@ impl Containers {
                     overlay,
                     rootfs_upper: (!req.overlay_upper.is_empty())
                         .then(|| PathBuf::from(&req.overlay_upper)),
+                    overlay_upper: req.overlay_upper.clone(),
+                    overlay_work: req.overlay_work.clone(),
                     started: Mutex::new(false),
                     main: process,
                     execs: Mutex::default(),
@@ -365,6 +371,7 @@ impl Containers {
                 if let Some(o) = &overlay {
                     crate::mounts::unmount(o);
                 }
+                remove_writable_layer(&req.overlay_upper, &req.overlay_work);
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
@@ -564,7 +571,13 @@ impl Containers {
             .await?;
         if let Some(o) = &c.overlay {
             crate::mounts::unmount(o);
+            // The mount point and its parent (`<rootfs dir>/<id>/merged`).
+            let _ = std::fs::remove_dir(o);
+            if let Some(parent) = o.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
+        remove_writable_layer(&c.overlay_upper, &c.overlay_work);
         let _ = std::fs::remove_dir_all(&c.dir);
         self.lock().remove(id);
         Ok(())
@@ -575,6 +588,22 @@ impl Containers {
         for c in self.list() {
             cgroup::kill_all(&c.cgroup);
             let _ = kill(Pid::from_raw(c.main.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Frees a container's writable layer: its upper and work dirs, then their common
+/// parent (`<scratch>/<id>`) when that is left empty.
+fn remove_writable_layer(upper: &str, work: &str) {
+    for d in [upper, work].into_iter().filter(|d| !d.is_empty()) {
+        let d = Path::new(d);
+        if let Err(e) = std::fs::remove_dir_all(d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                crate::log::warn(&format!("remove {}: {e}", d.display()));
+            }
+        }
+        if let Some(parent) = d.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
