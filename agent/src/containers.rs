@@ -625,6 +625,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn writable_layer_is_removed_with_its_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctr = tmp.path().join("c1");
+        let (upper, work) = (ctr.join("upper"), ctr.join("work"));
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        std::fs::write(upper.join("etc/big"), b"data").unwrap();
+        std::fs::create_dir_all(work.join("work")).unwrap();
+        remove_writable_layer(upper.to_str().unwrap(), work.to_str().unwrap());
+        assert!(!ctr.exists());
+        // The scratch dir itself stays; no overlay: nothing to do.
+        assert!(tmp.path().exists());
+        remove_writable_layer("", "");
+    }
+
+    #[test]
     fn ids() {
         assert!(valid_id("abc-1_2.3+x"));
         assert!(!valid_id(""));

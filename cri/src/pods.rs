@@ -76,7 +76,22 @@ pub struct Engine {
 
 /// The scratch disks of `config`: `<root>/scratch/<pod>.img`.
 pub fn scratch_disks(config: &Config) -> ScratchDisks {
-    ScratchDisks::new(config.root.join("scratch"), "mkfs.ext4")
+    let mkfs = mkfs_ext4().unwrap_or_else(|| PathBuf::from(MKFS_EXT4));
+    ScratchDisks::new(config.root.join("scratch"), mkfs)
+}
+
+/// The program that formats scratch disks (e2fsprogs).
+pub const MKFS_EXT4: &str = "mkfs.ext4";
+
+/// `mkfs.ext4` on PATH, else in the sbin dirs a non-root PATH lacks.
+pub fn mkfs_ext4() -> Option<PathBuf> {
+    use vessel_sandbox::preflight::find_program;
+    find_program(std::path::Path::new(MKFS_EXT4)).or_else(|| {
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find_map(|p| find_program(&p))
+    })
 }
 
 impl Engine {
@@ -236,7 +251,6 @@ impl Engine {
         }
     }
 
-    /// Marks a pod whose VM is gone NOTREADY and its unfinished containers exited.
     /// Deletes a pod's scratch disk (its VM is gone: nothing reads it again).
     /// Unlinking a large sparse file walks its extents: off the async workers.
     async fn remove_scratch(&self, pod_id: &str) -> Result<(), Status> {
@@ -261,6 +275,7 @@ impl Engine {
         }
     }
 
+    /// Marks a pod whose VM is gone NOTREADY and its unfinished containers exited.
     fn pod_died(&self, pod_id: &str, message: &str) {
         let _ = self
             .store
