@@ -19,7 +19,7 @@ triple=x86_64-unknown-linux-gnu
 MODULES=(
   virtio_mmio virtio_blk virtio_net virtio_console virtio_balloon
   vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
-  fuse virtiofs overlay erofs
+  fuse virtiofs overlay erofs ext4
 )
 # Shipped but loaded only on demand (the kernel's request_module runs /sbin/modprobe,
 # which is the agent): what a node's kernel offers a privileged container (bridges,

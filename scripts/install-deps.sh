@@ -7,6 +7,7 @@ APT_PACKAGES=(
   build-essential pkg-config protobuf-compiler  # Rust crates: k8s-cri/proto codegen
   libseccomp-dev libcap-ng-dev                  # virtiofsd, vessel-agent (seccomp)
   qemu-system-x86                               # the pod VM
+  e2fsprogs                                     # mkfs.ext4: pods' scratch disks (writable layers)
   busybox-static cpio kmod zstd lz4 xz-utils    # guest image + test images
   docker-registry openssl                       # test registry (distribution v2), its TLS certs
   containernetworking-plugins iproute2 iptables # CNI

@@ -1,5 +1,5 @@
 //! Early boot as PID 1: pseudo filesystems, cgroup v2, console, entropy, kernel
-//! modules, the pod share.
+//! modules, the pod share, the scratch disk.
 
 use std::path::Path;
 
@@ -85,6 +85,7 @@ pub fn boot() {
     load_modules();
     enable_controllers();
     mount_share();
+    crate::scratch::mount_scratch();
     let _ = nix::unistd::sethostname("localhost");
 }
 

@@ -110,6 +110,10 @@ pub struct Container {
     /// Rootfs overlay the agent mounted (unmounted on removal).
     overlay: Option<PathBuf>,
     pub rootfs_upper: Option<PathBuf>,
+    /// Overlay upper and work dirs as asked ("" without overlay), removed with the
+    /// container: on the scratch disk they hold everything it wrote.
+    overlay_upper: String,
+    overlay_work: String,
     started: Mutex<bool>,
     pub main: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -380,6 +384,8 @@ impl Containers {
                     overlay,
                     rootfs_upper: (!req.overlay_upper.is_empty())
                         .then(|| PathBuf::from(&req.overlay_upper)),
+                    overlay_upper: req.overlay_upper.clone(),
+                    overlay_work: req.overlay_work.clone(),
                     started: Mutex::new(false),
                     main: process,
                     execs: Mutex::default(),
@@ -394,6 +400,7 @@ impl Containers {
                 if let Some(o) = &overlay {
                     crate::mounts::unmount(o);
                 }
+                remove_writable_layer(&req.overlay_upper, &req.overlay_work);
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
@@ -593,7 +600,13 @@ impl Containers {
             .await?;
         if let Some(o) = &c.overlay {
             crate::mounts::unmount(o);
+            // The mount point and its parent (`<rootfs dir>/<id>/merged`).
+            let _ = std::fs::remove_dir(o);
+            if let Some(parent) = o.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
+        remove_writable_layer(&c.overlay_upper, &c.overlay_work);
         let _ = std::fs::remove_dir_all(&c.dir);
         self.lock().remove(id);
         Ok(())
@@ -604,6 +617,22 @@ impl Containers {
         for c in self.list() {
             cgroup::kill_all(&c.cgroup);
             let _ = kill(Pid::from_raw(c.main.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Frees a container's writable layer: its upper and work dirs, then their common
+/// parent (`<scratch>/<id>`) when that is left empty.
+fn remove_writable_layer(upper: &str, work: &str) {
+    for d in [upper, work].into_iter().filter(|d| !d.is_empty()) {
+        let d = Path::new(d);
+        if let Err(e) = std::fs::remove_dir_all(d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                crate::log::warn(&format!("remove {}: {e}", d.display()));
+            }
+        }
+        if let Some(parent) = d.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
@@ -623,6 +652,21 @@ fn read_pid(path: &Path) -> Result<i32, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writable_layer_is_removed_with_its_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctr = tmp.path().join("c1");
+        let (upper, work) = (ctr.join("upper"), ctr.join("work"));
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        std::fs::write(upper.join("etc/big"), b"data").unwrap();
+        std::fs::create_dir_all(work.join("work")).unwrap();
+        remove_writable_layer(upper.to_str().unwrap(), work.to_str().unwrap());
+        assert!(!ctr.exists());
+        // The scratch dir itself stays; no overlay: nothing to do.
+        assert!(tmp.path().exists());
+        remove_writable_layer("", "");
+    }
 
     #[test]
     fn ids() {

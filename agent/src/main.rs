@@ -17,6 +17,7 @@ mod podinit;
 mod podstats;
 mod ready;
 mod reaper;
+mod scratch;
 mod service;
 mod spec;
 mod startsig;

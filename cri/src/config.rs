@@ -100,6 +100,10 @@ pub struct RuntimeHandlerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     pub extra_kernel_args: Vec<String>,
+    /// Size of each pod's scratch disk (sparse, on node disk under `root`): the
+    /// bound on what its containers write to their rootfs. 0: no disk, writable
+    /// layers live in guest memory.
+    pub writable_layer_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +177,7 @@ impl Default for RuntimeHandlerConfig {
             kernel: None,
             initrd: None,
             extra_kernel_args: Vec::new(),
+            writable_layer_mib: 10 * 1024,
         }
     }
 }
@@ -490,6 +495,16 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
                 format!("must be at least 64 (MiB), got {}", h.memory_mib),
             ));
         }
+        let min_disk = vessel_storage::scratch::MIN_SIZE_MIB;
+        if h.writable_layer_mib != 0 && h.writable_layer_mib < min_disk {
+            return Err((
+                key("writable_layer_mib"),
+                format!(
+                    "must be 0 (no scratch disk) or at least {min_disk} (MiB), got {}",
+                    h.writable_layer_mib
+                ),
+            ));
+        }
         for (k, p) in [("kernel", &h.kernel), ("initrd", &h.initrd)] {
             if p.as_ref().is_some_and(|p| !p.is_absolute()) {
                 return Err((key(k), "must be an absolute path".into()));
@@ -689,6 +704,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("max_concurrent_downloads"));
+
+        let d = Dir::new();
+        d.main("[runtimes.default]\nwritable_layer_mib = 8\n");
+        let e = d.load().unwrap_err().to_string();
+        assert!(
+            e.contains("writable_layer_mib") && e.contains("at least"),
+            "{e}"
+        );
+        for ok in ["0", "16"] {
+            let d = Dir::new();
+            d.main(&format!("[runtimes.default]\nwritable_layer_mib = {ok}\n"));
+            d.load().unwrap();
+        }
 
         let d = Dir::new();
         d.main("");

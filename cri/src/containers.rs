@@ -10,7 +10,7 @@ use k8s_cri::v1 as cri;
 use prost::Message as _;
 use tonic::Status;
 use vessel_proto::agent as pb;
-use vessel_proto::{GUEST_POD_FILES_DIR, GUEST_SHARE_DIR};
+use vessel_proto::{GUEST_POD_FILES_DIR, GUEST_SCRATCH_DIR, GUEST_SHARE_DIR};
 use vessel_sandbox::AgentClient;
 use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
 
@@ -289,14 +289,17 @@ impl Engine {
         let share_pid = opts.as_ref().is_some_and(|o| o.pid == pod_mode);
 
         let root = format!("{GUEST_ROOTFS_DIR}/{id}");
+        // The writable layer goes on the pod's scratch disk (node disk), not in
+        // guest memory; see docs/design.md, "Writable layers".
+        let writable = format!("{GUEST_SCRATCH_DIR}/{id}");
         let req = pb::CreateContainerRequest {
             container_id: id.to_owned(),
             oci_spec_json: spec_json,
             rootfs: Some(pb::Rootfs {
                 path: format!("{root}/merged"),
                 overlay_lower: guest_lowerdirs(layers, &format!("{GUEST_SHARE_DIR}/layers")),
-                overlay_upper: format!("{root}/upper"),
-                overlay_work: format!("{root}/work"),
+                overlay_upper: format!("{writable}/upper"),
+                overlay_work: format!("{writable}/work"),
             }),
             stdin: config.stdin,
             stdin_once: config.stdin_once,

@@ -8,6 +8,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
 use tonic::{Request, Response, Status};
 use vessel_image::{Image, ImageError, ImageStore, RegistryAuth};
+use vessel_storage::scratch::ScratchDisks;
 
 use crate::status::image_status;
 
@@ -18,11 +19,17 @@ pub type ImageUsers = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 pub struct ImageSvc {
     store: ImageStore,
     users: ImageUsers,
+    /// The pods' scratch disks: the containers' writable layers on this node.
+    scratch: ScratchDisks,
 }
 
 impl ImageSvc {
-    pub fn new(store: ImageStore, users: ImageUsers) -> Self {
-        ImageSvc { store, users }
+    pub fn new(store: ImageStore, users: ImageUsers, scratch: ScratchDisks) -> Self {
+        ImageSvc {
+            store,
+            users,
+            scratch,
+        }
     }
 
     /// Runs a synchronous store call off the async workers (it may walk or delete
@@ -207,6 +214,10 @@ impl ImageService for ImageSvc {
         _req: Request<cri::ImageFsInfoRequest>,
     ) -> R<cri::ImageFsInfoResponse> {
         let usage = self.blocking(|s| s.fs_usage()).await?;
+        let scratch = self.scratch.clone();
+        let containers = tokio::task::spawn_blocking(move || scratch_usage(&scratch))
+            .await
+            .map_err(|e| Status::internal(format!("scratch usage task failed: {e}")))??;
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -224,7 +235,38 @@ impl ImageService for ImageSvc {
                     value: usage.inodes_used,
                 }),
             }],
-            container_filesystems: Vec::new(),
+            container_filesystems: vec![cri::FilesystemUsage {
+                timestamp,
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: containers.0.display().to_string(),
+                }),
+                used_bytes: Some(cri::UInt64Value {
+                    value: containers.1.used_bytes,
+                }),
+                inodes_used: Some(cri::UInt64Value {
+                    value: containers.1.inodes_used,
+                }),
+            }],
         }))
     }
+}
+
+/// Where the scratch disks live (the mount holding their dir, or its nearest
+/// existing parent before the first pod) and what they take there: blocks the
+/// guests wrote, counted on the host file, never read from the guest.
+fn scratch_usage(
+    scratch: &ScratchDisks,
+) -> Result<(std::path::PathBuf, vessel_storage::scratch::ScratchUsage), Status> {
+    let usage = scratch
+        .usage()
+        .map_err(|e| Status::internal(format!("scratch disk usage: {e}")))?;
+    let dir = scratch
+        .dir()
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    let mountpoint = vessel_image::mount_point(dir).map_err(|e| {
+        Status::internal(format!("mount point of {}: {e}", scratch.dir().display()))
+    })?;
+    Ok((mountpoint, usage))
 }

@@ -151,6 +151,7 @@ impl Metrics {
                 for (phase, ms) in [
                     ("network", t.network_ms),
                     ("share", t.share_ms),
+                    ("scratch_disk", t.scratch_disk_ms),
                     ("helpers", t.helpers_ms),
                     ("vm_to_agent", t.vm_to_agent_ms),
                     ("guest_network", t.guest_network_ms),

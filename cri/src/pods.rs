@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use vessel_image::ImageStore;
 use vessel_sandbox::{PodVm, VmConfig, VmExit};
+use vessel_storage::scratch::ScratchDisks;
 use vessel_storage::sharedir::ShareDir;
 
 use crate::config::{Accel, Config, RuntimeHandlerConfig, DEFAULT_HANDLER};
@@ -69,6 +70,28 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pod networks (CNI); inert without a CNI config.
     pub net: vessel_network::NetworkManager,
+    /// Each pod's scratch disk (its containers' writable layers).
+    pub scratch: ScratchDisks,
+}
+
+/// The scratch disks of `config`: `<root>/scratch/<pod>.img`.
+pub fn scratch_disks(config: &Config) -> ScratchDisks {
+    let mkfs = mkfs_ext4().unwrap_or_else(|| PathBuf::from(MKFS_EXT4));
+    ScratchDisks::new(config.root.join("scratch"), mkfs)
+}
+
+/// The program that formats scratch disks (e2fsprogs).
+pub const MKFS_EXT4: &str = "mkfs.ext4";
+
+/// `mkfs.ext4` on PATH, else in the sbin dirs a non-root PATH lacks.
+pub fn mkfs_ext4() -> Option<PathBuf> {
+    use vessel_sandbox::preflight::find_program;
+    find_program(std::path::Path::new(MKFS_EXT4)).or_else(|| {
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find_map(|p| find_program(&p))
+    })
 }
 
 impl Engine {
@@ -144,7 +167,9 @@ impl Engine {
     ) -> anyhow::Result<Arc<Self>> {
         let store = StateStore::open(db)?;
         let net = crate::podnet::manager(&config);
+        let scratch = scratch_disks(&config);
         let engine = Arc::new(Engine {
+            scratch,
             config,
             images,
             store,
@@ -164,8 +189,25 @@ impl Engine {
                     tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
                 }
                 engine.release_network(&pod.id).await;
+                engine.release_scratch(&pod.id).await;
                 engine.finish_containers(&pod.id, "the pod sandbox is not running");
             }
+        }
+        // Disks of pods the store forgot (a crash between create and the record's
+        // removal). Only READY pods' disks are still in use.
+        let ready: std::collections::HashSet<String> = engine
+            .store
+            .pods()
+            .into_iter()
+            .filter(|p| p.state == PodState::Ready)
+            .map(|p| p.id)
+            .collect();
+        let scratch = engine.scratch.clone();
+        match tokio::task::spawn_blocking(move || scratch.sweep(|id| ready.contains(id))).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, "removed scratch disks of gone pods"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep scratch disks"),
+            Err(e) => tracing::warn!(error = %e, "scratch disk sweep failed"),
         }
         Ok(engine)
     }
@@ -195,6 +237,7 @@ impl Engine {
                     tracing::warn!(pod = %pod.id, error = %e, "cannot release the share dir");
                 }
                 self.release_network(&pod.id).await;
+                self.release_scratch(&pod.id).await;
             }
         }
     }
@@ -205,6 +248,30 @@ impl Engine {
     async fn release_network(&self, pod_id: &str) {
         if let Err(e) = crate::podnet::teardown(&self.net, pod_id).await {
             tracing::warn!(pod = %pod_id, error = %e.message(), "cannot release the pod network");
+        }
+    }
+
+    /// Deletes a pod's scratch disk (its VM is gone: nothing reads it again).
+    /// Unlinking a large sparse file walks its extents: off the async workers.
+    async fn remove_scratch(&self, pod_id: &str) -> Result<(), Status> {
+        let scratch = self.scratch.clone();
+        let id = pod_id.to_owned();
+        tokio::task::spawn_blocking(move || scratch.remove(&id))
+            .await
+            .map_err(|e| Status::internal(format!("scratch disk removal failed: {e}")))?
+            .map_err(|e| {
+                Status::internal(format!(
+                    "cannot remove the pod's scratch disk (check {}): {e}",
+                    self.scratch.dir().display()
+                ))
+            })
+    }
+
+    /// [`Self::remove_scratch`] where a failure is only logged (RemovePodSandbox
+    /// tries again).
+    async fn release_scratch(&self, pod_id: &str) {
+        if let Err(e) = self.remove_scratch(pod_id).await {
+            tracing::warn!(pod = %pod_id, error = %e.message(), "cannot remove the scratch disk");
         }
     }
 
@@ -359,6 +426,7 @@ impl Engine {
             .remove(id);
         let _ = ShareDir::existing(&self.share_path(id)).destroy();
         let _ = std::fs::remove_dir_all(self.pod_dir(id));
+        self.release_scratch(id).await;
         let _ = self.store.remove_pod(id);
     }
 
@@ -419,6 +487,27 @@ impl Engine {
             .as_ref()
             .map(|l| l.cgroup_parent.clone())
             .filter(|p| !p.is_empty());
+        if handler.writable_layer_mib > 0 {
+            let phase = Instant::now();
+            let scratch = self.scratch.clone();
+            let (pod, mib) = (id.to_owned(), handler.writable_layer_mib);
+            let disk = tokio::task::spawn_blocking(move || scratch.create(&pod, mib))
+                .await
+                .map_err(|e| Status::internal(format!("scratch disk task failed: {e}")))?
+                .map_err(|e| {
+                    Status::internal(format!(
+                        "cannot create the pod's scratch disk (is mkfs.ext4 (e2fsprogs) \
+                         installed, is there space under {}?): {e}",
+                        self.scratch.dir().display()
+                    ))
+                })?;
+            vmc.scratch_disk = Some(vessel_sandbox::DiskConfig {
+                file: Arc::new(disk.file),
+                file_ro: Arc::new(disk.file_ro),
+                path: disk.path,
+            });
+            timings.scratch_disk_ms = millis(phase.elapsed());
+        }
         let net_plan = pod_net.map(|n| {
             vmc.netns = Some(n.netns.path().to_path_buf());
             let plan = n.plan.clone();
@@ -508,6 +597,9 @@ impl Engine {
                 .destroy()
                 .map_err(|e| Status::internal(format!("cannot release the share dir: {e}")))?;
         }
+        // The VM is gone: its containers' writable layers go too, freeing the disk
+        // now rather than at RemovePodSandbox.
+        self.remove_scratch(&pod.id).await?;
         crate::podnet::teardown(&self.net, &pod.id).await?;
         self.finish_containers(&pod.id, "the pod sandbox was stopped");
         self.store

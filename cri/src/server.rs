@@ -107,7 +107,11 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         .add_service(RuntimeServiceServer::new(
             RuntimeSvc::new(config.clone(), store.clone(), engine).with_streaming(streaming),
         ))
-        .add_service(ImageServiceServer::new(ImageSvc::new(store, image_users)))
+        .add_service(ImageServiceServer::new(ImageSvc::new(
+            store,
+            image_users,
+            crate::pods::scratch_disks(&config),
+        )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
 

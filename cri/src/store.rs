@@ -70,6 +70,9 @@ pub struct StartupTimings {
     pub network_ms: u64,
     /// Share dir and pod files (hosts, resolv.conf, hostname).
     pub share_ms: u64,
+    /// Creating and formatting the scratch disk (writable layers).
+    #[serde(default)]
+    pub scratch_disk_ms: u64,
     /// Accelerator choice, virtiofsd and the vsock helper.
     pub helpers_ms: u64,
     /// QEMU spawned until the agent answered Health.

@@ -94,6 +94,7 @@ pub fn pod_info(p: &PodRecord) -> serde_json::Value {
         "startupMs": vm.map(|v| serde_json::json!({
             "network": v.startup.network_ms,
             "share": v.startup.share_ms,
+            "scratchDisk": v.startup.scratch_disk_ms,
             "helpers": v.startup.helpers_ms,
             "vmToAgent": v.startup.vm_to_agent_ms,
             "guestNetwork": v.startup.guest_network_ms,

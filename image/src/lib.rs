@@ -21,5 +21,6 @@ pub mod unpack;
 
 pub use error::{ErrorCode, ImageError};
 pub use image::{Image, RegistryAuth};
+pub use mounts::mount_point;
 pub use reference::{normalize_reference, ImageRef};
 pub use store::{DownloadLimits, FsUsage, ImageStore, ImageStoreConfig, PullStats};

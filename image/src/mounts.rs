@@ -41,7 +41,7 @@ pub(crate) fn mount_point_in(mountinfo: &str, path: &Path) -> PathBuf {
 }
 
 /// The mount point of the filesystem holding `path`.
-pub(crate) fn mount_point(path: &Path) -> std::io::Result<PathBuf> {
+pub fn mount_point(path: &Path) -> std::io::Result<PathBuf> {
     let path = path.canonicalize()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(mount_point_in(&info, &path))

@@ -35,3 +35,12 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 
 /// The agent's readiness announcement: this prefix, a space, its version, `\n`.
 pub const READY_LINE_PREFIX: &str = "vessel-agent-ready";
+
+/// Serial of the pod's scratch disk (virtio-blk): the guest finds it by this, in
+/// `/sys/block/<dev>/serial`.
+pub const SCRATCH_DISK_SERIAL: &str = "vessel-scratch";
+
+/// Where the agent mounts the scratch disk: containers' overlay upper and work dirs
+/// live in `<this>/<container id>/`, on node disk rather than guest memory. Without
+/// a scratch disk the dir is plain guest tmpfs.
+pub const GUEST_SCRATCH_DIR: &str = "/run/vessel/scratch";

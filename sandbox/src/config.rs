@@ -36,6 +36,9 @@ pub struct VmConfig {
     pub extra_cmdline: Vec<String>,
     /// Optional NIC backed by an open tap device.
     pub net: Option<NetConfig>,
+    /// Optional scratch disk (virtio-blk, serial `vessel_proto::SCRATCH_DISK_SERIAL`)
+    /// for the containers' writable layers.
+    pub scratch_disk: Option<DiskConfig>,
     /// Network namespace file QEMU runs in (e.g. /run/vessel/netns/<pod>).
     pub netns: Option<PathBuf>,
     /// Host programs.
@@ -71,6 +74,7 @@ impl VmConfig {
             accel_cache_dir: PathBuf::from("/run/vessel"),
             extra_cmdline: Vec::new(),
             net: None,
+            scratch_disk: None,
             netns: None,
             binaries: Binaries::default(),
             timeouts: Timeouts::default(),
@@ -88,6 +92,20 @@ pub struct NetConfig {
     pub tap: Arc<OwnedFd>,
     /// Guest MAC, "aa:bb:cc:dd:ee:ff".
     pub mac: String,
+}
+
+/// A raw disk image the VMM gets as an open descriptor (it never opens the path,
+/// so the file may live where the VM's unprivileged uid cannot reach).
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The file, opened read-write; QEMU inherits it. The caller may close its copy
+    /// once `start` returned.
+    pub file: Arc<OwnedFd>,
+    /// The same file opened read-only: QEMU opens a disk read-only first (probing,
+    /// locking) and takes from the fd set only a descriptor of the matching mode.
+    pub file_ro: Arc<OwnedFd>,
+    /// The file's path: only a label in QEMU's command line (`opaque=`).
+    pub path: PathBuf,
 }
 
 /// Paths of the host programs (bare names are looked up in PATH).

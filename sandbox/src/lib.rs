@@ -42,6 +42,6 @@ pub mod vsock;
 
 pub use accel::{Accel, ResolvedAccel};
 pub use agent::{AgentClient, VsockAddr};
-pub use config::{Binaries, JailConfig, NetConfig, Timeouts, VmConfig};
+pub use config::{Binaries, DiskConfig, JailConfig, NetConfig, Timeouts, VmConfig};
 pub use error::{Error, Result};
 pub use vm::{PodVm, VmExit};

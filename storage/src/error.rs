@@ -27,6 +27,17 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    /// A request the store refuses (bad name or size).
+    #[error("invalid {0}")]
+    Invalid(String),
+    /// mkfs.ext4 failed on a new scratch disk.
+    #[error("mkfs.ext4 {path}: {message}")]
+    Mkfs {
+        /// The disk file.
+        path: PathBuf,
+        /// Exit status and stderr.
+        message: String,
+    },
 }
 
 impl StorageError {

@@ -1,4 +1,4 @@
-//! Layer snapshots, container rootfs assembly, pod share dirs.
+//! Layer snapshots, container rootfs assembly, pod share dirs, pod scratch disks.
 //!
 //! A snapshot is one unpacked layer diff stored in `root/<chain-id hex>/`. Snapshots
 //! are created through [`Snapshotter::prepare`], filled by the caller, and published
@@ -7,6 +7,7 @@
 mod error;
 mod exportns;
 pub mod rootfs;
+pub mod scratch;
 pub mod sharedir;
 mod snapshot;
 mod usage;

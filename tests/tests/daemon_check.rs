@@ -88,7 +88,14 @@ fn good_host_passes_and_broken_config_fails_naming_each_item() {
     eprintln!("{out}");
     assert!(o.status.success(), "a good host exits 0:\n{out}");
     assert!(!out.contains("[fail]"), "{out}");
-    for item in ["qemu", "virtiofsd", "cgroups", "disk", "cni plugin bridge"] {
+    for item in [
+        "qemu",
+        "virtiofsd",
+        "mkfs.ext4",
+        "cgroups",
+        "disk",
+        "cni plugin bridge",
+    ] {
         assert!(line(&out, item).starts_with("[ok]"), "{item}:\n{out}");
     }
     // KVM usable (with the probe's figures) or TCG, with the reason.

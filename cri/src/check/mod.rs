@@ -78,6 +78,7 @@ pub fn all(config: &Config) -> Vec<Verdict> {
     v.extend(programs::accel(config));
     let vsock_dev = std::path::Path::new(vessel_sandbox::preflight::VHOST_VSOCK_DEV);
     v.extend(programs::programs(vsock_dev));
+    v.push(programs::mkfs(config));
     v.push(programs::vhost_vsock(
         vsock_dev,
         &vessel_sandbox::Binaries::default().vhost_device_vsock,

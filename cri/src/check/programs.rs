@@ -84,6 +84,32 @@ pub fn programs(vhost_vsock_dev: &Path) -> Vec<Verdict> {
     out
 }
 
+/// `mkfs.ext4`, which formats pods' scratch disks: needed when a handler has
+/// `writable_layer_mib` > 0.
+pub fn mkfs(config: &Config) -> Verdict {
+    let users: Vec<&str> = config
+        .runtimes
+        .iter()
+        .filter(|(_, h)| h.writable_layer_mib > 0)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    match (crate::pods::mkfs_ext4(), users.is_empty()) {
+        (Some(p), _) => Verdict::ok("mkfs.ext4", format!("{} (scratch disks)", p.display())),
+        (None, true) => Verdict::ok(
+            "mkfs.ext4",
+            "not installed; not needed: every handler has writable_layer_mib = 0",
+        ),
+        (None, false) => Verdict::fail(
+            "mkfs.ext4",
+            format!(
+                "not found: pods of handler(s) {} cannot start (they get a scratch disk \
+                 for writable layers); install e2fsprogs (scripts/install-deps.sh)",
+                users.join(", ")
+            ),
+        ),
+    }
+}
+
 /// One program: its path and version, or what installs it.
 pub fn program(item: &str, program: &Path) -> Verdict {
     let Some(path) = find_program(program) else {

@@ -11,6 +11,8 @@ use crate::hypervisor::{LaunchSpec, VsockDevice};
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The fd set QEMU's console log arrives in (`-add-fd`).
 const CONSOLE_FDSET: u32 = 1;
+/// The fd set the scratch disk arrives in.
+const SCRATCH_FDSET: u32 = 2;
 
 /// Kernel arguments every pod VM gets.
 const BASE_CMDLINE: &str = "quiet cryptomgr.notests panic=-1 console=ttyS0";
@@ -136,6 +138,36 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
             a.push("-device".into());
             a.push("vhost-user-vsock-device,chardev=vsock".into());
         }
+    }
+
+    if let Some(disk) = &cfg.scratch_disk {
+        // Always by descriptor: vesseld opened the file in a dir only it can enter.
+        for fd in [&disk.file, &disk.file_ro] {
+            a.push("-add-fd".into());
+            let mut add =
+                OsString::from(format!("fd={},set={SCRATCH_FDSET},opaque=", fd.as_raw_fd()));
+            add.push(&disk.path);
+            a.push(add);
+        }
+        // Host page cache with thread-pool I/O: a sparse file on any host fs.
+        // discard=unmap: the guest's deletes punch holes, so the node gets the
+        // space back. No zero detection: it would cost a scan of every write.
+        a.push("-drive".into());
+        a.push(
+            format!(
+                "file=/dev/fdset/{SCRATCH_FDSET},if=none,id=scratch,format=raw,\
+                 cache=writeback,aio=threads,discard=unmap"
+            )
+            .into(),
+        );
+        a.push("-device".into());
+        a.push(
+            format!(
+                "virtio-blk-device,drive=scratch,serial={}",
+                vessel_proto::SCRATCH_DISK_SERIAL
+            )
+            .into(),
+        );
     }
 
     if let Some(net) = &cfg.net {
@@ -389,6 +421,53 @@ mod tests {
             )]
         );
         assert!(!value_of(&a, "-sandbox").is_empty());
+    }
+
+    /// The scratch disk arrives as a descriptor, with discard, as a virtio-blk
+    /// device the guest finds by its serial.
+    #[test]
+    fn scratch_disk_by_descriptor() {
+        use crate::config::DiskConfig;
+        let mut cfg = config();
+        let file: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let file_ro: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let (fd, fd_ro) = (file.as_raw_fd(), file_ro.as_raw_fd());
+        cfg.scratch_disk = Some(DiskConfig {
+            file: Arc::new(file),
+            file_ro: Arc::new(file_ro),
+            path: "/var/lib/vessel/scratch/pod1.img".into(),
+        });
+        let dir = RunDir::new("/run/v/pod1").unwrap();
+        let spec = LaunchSpec {
+            config: &cfg,
+            accel: ResolvedAccel::Tcg,
+            dir: &dir,
+            vsock: VsockDevice::Kernel { cid: 7 },
+            fs_socket: &dir.fs_socket(),
+            tsc_khz: None,
+            confine: None,
+        };
+        let a = strings(&qemu_args(&spec, false));
+        assert_eq!(
+            value_of(&a, "-add-fd"),
+            [
+                format!("fd={fd},set=2,opaque=/var/lib/vessel/scratch/pod1.img"),
+                format!("fd={fd_ro},set=2,opaque=/var/lib/vessel/scratch/pod1.img"),
+            ]
+        );
+        assert_eq!(
+            value_of(&a, "-drive"),
+            ["file=/dev/fdset/2,if=none,id=scratch,format=raw,cache=writeback,aio=threads,discard=unmap"]
+        );
+        assert!(value_of(&a, "-device")
+            .contains(&"virtio-blk-device,drive=scratch,serial=vessel-scratch"));
+        // No disk, no drive.
+        let plain = config();
+        let spec = LaunchSpec {
+            config: &plain,
+            ..spec
+        };
+        assert!(value_of(&strings(&qemu_args(&spec, false)), "-drive").is_empty());
     }
 
     #[test]

@@ -47,6 +47,12 @@ impl Hypervisor for Qemu {
         let vhost_net = std::path::Path::new("/dev/vhost-net").exists()
             && (ids.is_none() || spec.confine.is_some_and(|c| c.vhost_net.is_some()));
         let mut keep_fds: Vec<_> = spec.config.net.iter().map(|n| n.tap.as_raw_fd()).collect();
+        keep_fds.extend(
+            spec.config
+                .scratch_disk
+                .iter()
+                .flat_map(|d| [d.file.as_raw_fd(), d.file_ro.as_raw_fd()]),
+        );
         let mut confine = Confine::default();
         // An unprivileged QEMU may not be able to reach the guest files' directories
         // (a checkout under a 0700 home): vesseld opens them and QEMU reads them

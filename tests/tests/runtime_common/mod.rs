@@ -212,7 +212,7 @@ pub async fn exec(
 }
 
 /// Processes (other than vesseld) whose command line names the test dir, mounts
-/// under it, and anything left under the run dirs of removed pods.
+/// under it, and anything left under the run dirs or scratch disks of removed pods.
 pub fn assert_no_leaks(d: &TestDaemon) {
     let dir = d.dir().display().to_string();
     let me = std::process::id();
@@ -239,8 +239,12 @@ pub fn assert_no_leaks(d: &TestDaemon) {
             .filter(|l| l.contains(&dir))
             .map(|l| format!("mount: {l}")),
     );
-    for sub in ["pods", "vm"] {
-        let p = d.run_root().join(sub);
+    // Pod run dirs, and the scratch disks (writable layers) under root.
+    let dirs = ["pods", "vm"]
+        .map(|sub| d.run_root().join(sub))
+        .into_iter()
+        .chain([d.root().join("scratch")]);
+    for p in dirs {
         if let Ok(rd) = std::fs::read_dir(&p) {
             left.extend(
                 rd.flatten()
