@@ -50,7 +50,7 @@ pub const DD_SINK: &str = "dd of=/dev/null bs=65536 iflag=fullblock 2>&1";
 /// blocks, not bytes; with `fullblock` only the last one may be partial).
 pub fn dd_counted(report: &str, bytes: usize) -> bool {
     let full = bytes / 65536;
-    let partial = usize::from(bytes % 65536 != 0);
+    let partial = usize::from(!bytes.is_multiple_of(65536));
     report.contains(&format!("{full}+{partial} records in"))
 }
 
