@@ -351,6 +351,7 @@ impl Engine {
             ));
         }
         crate::podnet::check_host_network(&config)?;
+        crate::validate::host_ipc(&config).map_err(|e| crate::status::invalid_input_status(&e))?;
         crate::userns::for_pod(&config).map_err(|e| crate::status::invalid_input_status(&e))?;
         let (handler_name, handler) = self.handler(&req.runtime_handler)?;
         let started = Instant::now();

@@ -31,6 +31,29 @@ pub enum InvalidInput {
     /// User namespace options vessel cannot honour.
     #[error("user namespace options: {reason}")]
     UserNamespace { reason: String },
+    /// hostIPC: the node's IPC namespace (its shared memory, semaphores, message
+    /// queues) lives in the host kernel, which a pod VM's processes cannot reach.
+    #[error(
+        "hostIPC pods are not supported: vessel runs each pod in its own VM, whose \
+         containers cannot share the node's IPC namespace; drop hostIPC (containers of \
+         one pod always share the pod's IPC namespace)"
+    )]
+    HostIpc,
+}
+
+/// Refuses a pod that asks for the node's IPC namespace: giving it the VM's own
+/// instead would silently break what hostIPC is for (talking to host processes).
+pub fn host_ipc(config: &k8s_cri::v1::PodSandboxConfig) -> Result<(), InvalidInput> {
+    let ipc = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .map(|n| n.ipc);
+    match ipc == Some(k8s_cri::v1::NamespaceMode::Node as i32) {
+        true => Err(InvalidInput::HostIpc),
+        false => Ok(()),
+    }
 }
 
 /// Checks what a CRI mount asks for against what a pod VM can give. Bidirectional
@@ -254,5 +277,27 @@ mod tests {
                 "{path} blocked"
             );
         }
+    }
+
+    #[test]
+    fn host_ipc_is_refused_with_what_to_do() {
+        use k8s_cri::v1 as cri;
+        let with_ipc = |ipc: cri::NamespaceMode| cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        ipc: ipc as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = host_ipc(&with_ipc(cri::NamespaceMode::Node)).unwrap_err();
+        assert!(e.to_string().contains("drop hostIPC"), "{e}");
+        assert!(host_ipc(&with_ipc(cri::NamespaceMode::Pod)).is_ok());
+        assert!(host_ipc(&cri::PodSandboxConfig::default()).is_ok());
     }
 }

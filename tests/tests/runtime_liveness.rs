@@ -247,6 +247,25 @@ async fn privileged_containers_create_bridges_and_veths() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(why), "{}", e.message());
     }
+    // So is hostIPC: the node's IPC namespace is in the host kernel, out of reach.
+    let mut ipc_cfg = pod_config("hostipc", &d.dir().join("logs/hostipc"));
+    ipc_cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                ipc: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let e = run_pod(&mut c, &ipc_cfg, "").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("hostIPC pods are not supported"),
+        "{}",
+        e.message()
+    );
     remove_pod(&mut c, &pod).await;
     assert_no_leaks(&d);
 }
