@@ -120,6 +120,18 @@ async fn open_exec(url: &str, stdin: bool, tty: bool) -> anyhow::Result<ExecSess
     })
 }
 
+/// Sends `bytes` zeros on `stream`, in 256 KiB frames.
+async fn send_zeros(stream: &Stream, bytes: usize) -> anyhow::Result<()> {
+    let zeros = vec![0u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        stream.send(&zeros[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}
+
 /// Reads the error stream to its end; an error unless it reports success.
 async fn expect_success(mut error: Stream) -> anyhow::Result<()> {
     let mut status = Vec::new();
@@ -165,13 +177,7 @@ pub async fn exec_in(c: &mut CriClient, ctr: &str, bytes: usize) -> anyhow::Resu
     let t = Instant::now();
     let mut s = open_exec(&url, true, false).await?;
     let stdin = s.stdin.take().context("no stdin stream")?;
-    let zeros = vec![0u8; 256 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(zeros.len());
-        stdin.send(&zeros[..n]).await?;
-        left -= n;
-    }
+    send_zeros(&stdin, bytes).await?;
     stdin.finish().await?;
     let mut out = Vec::new();
     while let Some(d) = s.stdout.recv().await {
@@ -270,15 +276,9 @@ pub async fn port_forward_up(
     request_id: u32,
 ) -> anyhow::Result<f64> {
     let session = port_forward_session(c, pod).await?;
-    let zeros = vec![0u8; 256 * 1024];
     let t = Instant::now();
     let mut conn = spdy_port_conn(&session, UPLOAD_PORT, request_id).await?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(zeros.len());
-        conn.data.send(&zeros[..n]).await?;
-        left -= n;
-    }
+    send_zeros(&conn.data, bytes).await?;
     conn.data.finish().await?;
     while conn.data.recv().await.is_some() {}
     let elapsed = t.elapsed();
