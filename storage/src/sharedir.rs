@@ -599,6 +599,31 @@ mod tests {
     /// Tears a share dir down even when a test fails halfway (no mounts left over).
     struct DestroyOnDrop(ShareDir);
 
+    /// A share dir in a temp dir, exported by a real virtiofsd. Fields drop in
+    /// order: virtiofsd, then the share dir's mounts, then the temp dir.
+    struct Exported {
+        fs: Exporter,
+        _teardown: DestroyOnDrop,
+        share: ShareDir,
+        tmp: tempfile::TempDir,
+    }
+
+    impl Exported {
+        /// None (test skipped) only with VESSEL_SKIP_VM=1 and no virtiofsd.
+        fn start() -> Option<Self> {
+            let tmp = tempfile::tempdir().unwrap();
+            let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+            let teardown = DestroyOnDrop(share.clone());
+            let fs = Exporter::start(&share, tmp.path())?;
+            Some(Exported {
+                fs,
+                _teardown: teardown,
+                share,
+                tmp,
+            })
+        }
+    }
+
     impl Drop for DestroyOnDrop {
         fn drop(&mut self) {
             let _ = self.0.destroy();
@@ -728,12 +753,10 @@ mod tests {
     #[test]
     fn read_only_volumes_do_not_pin_host_submounts() {
         assert!(is_root(), "this test needs root (mounts)");
-        let tmp = tempfile::tempdir().unwrap();
-        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
-        let _teardown = DestroyOnDrop(share.clone());
-        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+        let Some(x) = Exported::start() else {
             return;
         };
+        let (tmp, share, fs) = (&x.tmp, &x.share, &x.fs);
         let vol = tmp.path().join("vol");
         let sub = vol.join("tmpfs");
         std::fs::create_dir_all(&sub).unwrap();
@@ -773,12 +796,10 @@ mod tests {
     #[test]
     fn propagation_from_the_host() {
         assert!(is_root(), "this test needs root (mounts)");
-        let tmp = tempfile::tempdir().unwrap();
-        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
-        let _teardown = DestroyOnDrop(share.clone());
-        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+        let Some(x) = Exported::start() else {
             return;
         };
+        let (tmp, share, fs) = (&x.tmp, &x.share, &x.fs);
         // A shared source, as a kubelet's hostPath for propagation would be.
         let src = tmp.path().join("src");
         std::fs::create_dir_all(src.join("later")).unwrap();
@@ -815,12 +836,10 @@ mod tests {
     #[test]
     fn release_without_the_exporter_still_detaches() {
         assert!(is_root(), "this test needs root (mounts)");
-        let tmp = tempfile::tempdir().unwrap();
-        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
-        let _teardown = DestroyOnDrop(share.clone());
-        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+        let Some(x) = Exported::start() else {
             return;
         };
+        let (tmp, share, fs) = (&x.tmp, &x.share, &x.fs);
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(vol.join("sub")).unwrap();
         std::fs::write(vol.join("sub/data"), "keep").unwrap();
@@ -852,6 +871,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let share = ShareDir::create(&tmp.path().join("share")).unwrap();
         let _teardown = DestroyOnDrop(share.clone());
+        // Owned here: the test stops virtiofsd halfway.
         let Some(fs) = Exporter::start(&share, tmp.path()) else {
             return;
         };
