@@ -131,7 +131,11 @@ pub async fn loopback_up() -> Result<(), NetError> {
 }
 
 async fn set_loopback_up(handle: &Handle) -> Result<(), NetError> {
-    let all = links(handle).await?;
+    set_lo_up(handle, &links(handle).await?).await
+}
+
+/// Sets `lo` (found in `all`, the links' index, name, MAC) up.
+async fn set_lo_up(handle: &Handle, all: &[(u32, String, Vec<u8>)]) -> Result<(), NetError> {
     if let Some((lo, _, _)) = all.iter().find(|(_, n, _)| n == "lo") {
         handle
             .link()
@@ -144,13 +148,7 @@ async fn set_loopback_up(handle: &Handle) -> Result<(), NetError> {
 
 async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(), NetError> {
     let all = links(handle).await?;
-    if let Some((lo, _, _)) = all.iter().find(|(_, n, _)| n == "lo") {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(*lo).up().build())
-            .execute()
-            .await?;
-    }
+    set_lo_up(handle, &all).await?;
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
         let (index, name, _) = all

@@ -223,31 +223,35 @@ impl ImageService for ImageSvc {
             .map(|d| d.as_nanos() as i64)
             .unwrap_or_default();
         Ok(Response::new(cri::ImageFsInfoResponse {
-            image_filesystems: vec![cri::FilesystemUsage {
+            image_filesystems: vec![fs_usage(
                 timestamp,
-                fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: usage.mountpoint.display().to_string(),
-                }),
-                used_bytes: Some(cri::UInt64Value {
-                    value: usage.used_bytes,
-                }),
-                inodes_used: Some(cri::UInt64Value {
-                    value: usage.inodes_used,
-                }),
-            }],
-            container_filesystems: vec![cri::FilesystemUsage {
+                &usage.mountpoint,
+                usage.used_bytes,
+                usage.inodes_used,
+            )],
+            container_filesystems: vec![fs_usage(
                 timestamp,
-                fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: containers.0.display().to_string(),
-                }),
-                used_bytes: Some(cri::UInt64Value {
-                    value: containers.1.used_bytes,
-                }),
-                inodes_used: Some(cri::UInt64Value {
-                    value: containers.1.inodes_used,
-                }),
-            }],
+                &containers.0,
+                containers.1.used_bytes,
+                containers.1.inodes_used,
+            )],
         }))
+    }
+}
+
+fn fs_usage(
+    timestamp: i64,
+    mountpoint: &std::path::Path,
+    used_bytes: u64,
+    inodes_used: u64,
+) -> cri::FilesystemUsage {
+    cri::FilesystemUsage {
+        timestamp,
+        fs_id: Some(cri::FilesystemIdentifier {
+            mountpoint: mountpoint.display().to_string(),
+        }),
+        used_bytes: Some(cri::UInt64Value { value: used_bytes }),
+        inodes_used: Some(cri::UInt64Value { value: inodes_used }),
     }
 }
 

@@ -27,15 +27,6 @@ fn procs_naming(dir: &Path, needle: &str, except: Option<u32>) -> Vec<u32> {
         .collect()
 }
 
-async fn pods(c: &mut CriClient) -> Vec<cri::PodSandbox> {
-    c.runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_during_run_pod_sandbox_is_cleaned_up_after_restart() {
     let Some((_reg, mut d, mut c, _image)) = setup().await else {

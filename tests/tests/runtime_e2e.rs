@@ -32,13 +32,7 @@ async fn pod_and_containers_lifecycle() {
     // A start that fails unwinds everything and frees the name.
     let e = run_pod(&mut c, &pod_cfg, "broken").await.unwrap_err();
     assert_ne!(e.code(), Code::Ok);
-    let items = c
-        .runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let items = pods(&mut c).await;
     assert!(items.is_empty(), "{items:?}");
     assert_no_leaks(&d);
 

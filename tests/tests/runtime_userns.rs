@@ -87,15 +87,6 @@ fn logged_maps(log: &std::path::Path) -> Vec<Vec<u64>> {
         .collect()
 }
 
-async fn pods(c: &mut CriClient) -> Vec<cri::PodSandbox> {
-    c.runtime
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items
-}
-
 async fn exec_out(c: &mut CriClient, id: &str, cmd: &[&str]) -> String {
     let r = exec(c, id, cmd, 30).await.expect("ExecSync");
     assert_eq!(

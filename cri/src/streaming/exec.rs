@@ -18,6 +18,7 @@ use vessel_sandbox::agent::AgentClient;
 use vessel_streamproto::k8s;
 
 use super::io::{until_gone, ExecIo, QUEUE};
+use super::Pending;
 use crate::pods::{store_status, Engine};
 use crate::store::{ContainerRecord, ContainerState, PodState};
 
@@ -50,8 +51,17 @@ pub fn check_container(
     }
 }
 
+/// Runs an exec or attach over `io`; a port-forward has nothing to run here.
+pub async fn run(engine: Arc<Engine>, pending: Pending, io: ExecIo) {
+    match pending {
+        Pending::Exec(req) => run_exec(engine, req, io).await,
+        Pending::Attach(req) => run_attach(engine, req, io).await,
+        Pending::PortForward(_) => {}
+    }
+}
+
 /// Runs an exec to its end; the status goes to `io.status`.
-pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
+async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
     let (c, agent) = match check_container(&engine, &req.container_id) {
         Ok(x) => x,
         Err(e) => {
@@ -90,20 +100,7 @@ pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
     } = io;
     let proc_ref = (c.id.clone(), exec_id.clone());
     let pumps = spawn_common(&agent, &proc_ref, stdin, resize, true);
-    let copy = |stream, tx| {
-        tokio::spawn(copy_output(
-            agent.clone(),
-            proc_ref.clone(),
-            stream,
-            tx,
-            OutputMode::Exec,
-        ))
-    };
-    let out = stdout.map(|tx| copy(pb::OutputStream::Stdout, tx));
-    // A TTY merges stderr into stdout.
-    let err = stderr
-        .filter(|_| !req.tty)
-        .map(|tx| copy(pb::OutputStream::Stderr, tx));
+    let outputs = spawn_outputs(&agent, &proc_ref, stdout, stderr, req.tty, OutputMode::Exec);
     let wait = agent.wait_process(&c.id, &exec_id);
     let result = tokio::select! {
         r = wait => Some(r),
@@ -112,7 +109,7 @@ pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
     let final_status = match result {
         Some(Ok(exit)) => {
             // Output drains after the exit (the pipes end once the process is gone).
-            for h in [out, err].into_iter().flatten() {
+            for h in outputs {
                 let _ = h.await;
             }
             k8s::Status::exit_code(exit.exit_code)
@@ -133,7 +130,7 @@ pub async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
 
 /// Attaches to the container's main process until the client leaves or the
 /// process ends.
-pub async fn run_attach(engine: Arc<Engine>, req: cri::AttachRequest, io: ExecIo) {
+async fn run_attach(engine: Arc<Engine>, req: cri::AttachRequest, io: ExecIo) {
     let (c, agent) = match check_container(&engine, &req.container_id) {
         Ok(x) => x,
         Err(e) => {
@@ -141,7 +138,19 @@ pub async fn run_attach(engine: Arc<Engine>, req: cri::AttachRequest, io: ExecIo
             return;
         }
     };
-    let config = cri::ContainerConfig::decode(c.config.as_slice()).unwrap_or_default();
+    // A record that does not decode must not attach with default (stdin-less,
+    // non-TTY) settings: that would silently change what the client gets.
+    let config = match cri::ContainerConfig::decode(c.config.as_slice()) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(container = %c.id, error = %e, "stored container config is corrupt");
+            let _ = io.status.send(k8s::Status::failure(format!(
+                "the stored config of container {} is corrupt; recreate the container",
+                c.id
+            )));
+            return;
+        }
+    };
     let ExecIo {
         stdin,
         stdout,
@@ -160,25 +169,14 @@ pub async fn run_attach(engine: Arc<Engine>, req: cri::AttachRequest, io: ExecIo
     let proc_ref = (c.id.clone(), String::new());
     // stdin_once: the first attached client's EOF closes the container's stdin.
     let pumps = spawn_common(&agent, &proc_ref, stdin, resize, config.stdin_once);
-    let mut outputs = Vec::new();
-    if let Some(tx) = stdout {
-        outputs.push(tokio::spawn(copy_output(
-            agent.clone(),
-            proc_ref.clone(),
-            pb::OutputStream::Stdout,
-            tx,
-            OutputMode::Attach,
-        )));
-    }
-    if let (Some(tx), false) = (stderr, config.tty) {
-        outputs.push(tokio::spawn(copy_output(
-            agent.clone(),
-            proc_ref.clone(),
-            pb::OutputStream::Stderr,
-            tx,
-            OutputMode::Attach,
-        )));
-    }
+    let mut outputs = spawn_outputs(
+        &agent,
+        &proc_ref,
+        stdout,
+        stderr,
+        config.tty,
+        OutputMode::Attach,
+    );
     let wait = agent.wait_process(&c.id, "");
     let final_status = tokio::select! {
         r = wait => {
@@ -197,6 +195,35 @@ pub async fn run_attach(engine: Arc<Engine>, req: cri::AttachRequest, io: ExecIo
         h.abort();
     }
     let _ = status.send(final_status);
+}
+
+/// Copies the process's stdout and stderr to the client; a TTY merges stderr into
+/// stdout, so its stderr channel gets nothing.
+fn spawn_outputs(
+    agent: &AgentClient,
+    proc_ref: &(String, String),
+    stdout: Option<mpsc::Sender<Vec<u8>>>,
+    stderr: Option<mpsc::Sender<Vec<u8>>>,
+    tty: bool,
+    mode: OutputMode,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let stderr = stderr.filter(|_| !tty);
+    [
+        (pb::OutputStream::Stdout, stdout),
+        (pb::OutputStream::Stderr, stderr),
+    ]
+    .into_iter()
+    .filter_map(|(which, tx)| {
+        let tx = tx?;
+        Some(tokio::spawn(copy_output(
+            agent.clone(),
+            proc_ref.clone(),
+            which,
+            tx,
+            mode,
+        )))
+    })
+    .collect()
 }
 
 /// stdin and resize pumps shared by exec and attach. `close_at_eof`: the client's

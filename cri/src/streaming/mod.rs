@@ -38,7 +38,31 @@ pub enum Pending {
     PortForward(cri::PortForwardRequest),
 }
 
+/// The streams an exec or attach asks for.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wanted {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
 impl Pending {
+    /// What an exec or attach asks for; None for a port-forward.
+    fn wanted(&self) -> Option<Wanted> {
+        let (stdin, stdout, stderr, tty) = match self {
+            Pending::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+            Pending::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+            Pending::PortForward(_) => return None,
+        };
+        Some(Wanted {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        })
+    }
+
     fn path(&self) -> &'static str {
         match self {
             Pending::Exec(_) => "exec",

@@ -12,15 +12,7 @@ use vessel_streamproto::k8s::{self, StreamType};
 use vessel_streamproto::spdy::session::{Session, Stream, StreamWriter};
 
 use super::io::{ExecIo, PortForwardConn, QUEUE};
-use super::{exec, portforward, Pending, StreamingServer};
-
-/// What the exec/attach request asks for.
-struct Wanted {
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-    tty: bool,
-}
+use super::{exec, portforward, Pending, StreamingServer, Wanted};
 
 pub async fn serve(
     server: Arc<StreamingServer>,
@@ -31,36 +23,15 @@ pub async fn serve(
 ) {
     let creation = Duration::from_secs(server.config.stream_creation_timeout_s);
     let watchdog = idle_watchdog(&session, server.config.idle_timeout_s);
-    match pending {
-        Pending::Exec(req) => {
-            let wanted = Wanted {
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                tty: req.tty,
-            };
-            if let Some((io, drains)) =
-                exec_io(&session, &mut incoming, wanted, protocol, creation).await
-            {
-                exec::run_exec(server.engine.clone(), req, io).await;
-                finish(drains).await;
-            }
+    if let Pending::PortForward(req) = pending {
+        port_forward(&server, req, &session, incoming).await;
+    } else if let Some(wanted) = pending.wanted() {
+        if let Some((io, drains)) =
+            exec_io(&session, &mut incoming, wanted, protocol, creation).await
+        {
+            exec::run(server.engine.clone(), pending, io).await;
+            finish(drains).await;
         }
-        Pending::Attach(req) => {
-            let wanted = Wanted {
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                tty: req.tty,
-            };
-            if let Some((io, drains)) =
-                exec_io(&session, &mut incoming, wanted, protocol, creation).await
-            {
-                exec::run_attach(server.engine.clone(), req, io).await;
-                finish(drains).await;
-            }
-        }
-        Pending::PortForward(req) => port_forward(&server, req, &session, incoming).await,
     }
     watchdog.abort();
     session.close().await;

@@ -90,11 +90,7 @@ pub async fn serve<IO>(
     });
     match pending {
         Pending::Exec(_) | Pending::Attach(_) => {
-            let (stdin_on, stdout_on, stderr_on, tty) = match &pending {
-                Pending::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
-                Pending::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
-                Pending::PortForward(_) => unreachable!("matched above"),
-            };
+            let wanted = pending.wanted().unwrap_or_default();
             let (stdin_tx, stdin_rx) = mpsc::channel(QUEUE);
             let (resize_tx, resize_rx) = mpsc::channel(4);
             let v5 = protocol == "v5.channel.k8s.io";
@@ -137,21 +133,15 @@ pub async fn serve<IO>(
                 tx
             };
             let io = ExecIo {
-                stdin: stdin_on.then_some(stdin_rx),
-                stdout: stdout_on.then(|| sender(channel::STDOUT)),
-                stderr: (stderr_on && !tty).then(|| sender(channel::STDERR)),
-                resize: tty.then_some(resize_rx),
+                stdin: wanted.stdin.then_some(stdin_rx),
+                stdout: wanted.stdout.then(|| sender(channel::STDOUT)),
+                stderr: (wanted.stderr && !wanted.tty).then(|| sender(channel::STDERR)),
+                resize: wanted.tty.then_some(resize_rx),
                 status: status_tx,
                 gone,
             };
             let engine = server.engine.clone();
-            let run = tokio::spawn(async move {
-                match pending {
-                    Pending::Exec(r) => exec::run_exec(engine, r, io).await,
-                    Pending::Attach(r) => exec::run_attach(engine, r, io).await,
-                    Pending::PortForward(_) => {}
-                }
-            });
+            let run = tokio::spawn(exec::run(engine, pending, io));
             if let Ok(status) = status_rx.await {
                 // The output channels close when the run ends; what they still hold
                 // goes out before the status.

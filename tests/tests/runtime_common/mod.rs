@@ -195,6 +195,16 @@ pub async fn wait_exited(c: &mut CriClient, id: &str, limit: Duration) -> cri::C
     }
 }
 
+/// Every pod vesseld lists.
+pub async fn pods(c: &mut CriClient) -> Vec<cri::PodSandbox> {
+    c.runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+}
+
 pub async fn exec(
     c: &mut CriClient,
     id: &str,
