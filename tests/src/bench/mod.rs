@@ -6,6 +6,7 @@
 pub mod channel;
 pub mod floor;
 pub mod janitor;
+pub mod listing;
 pub mod machine;
 pub mod memory;
 pub mod peer;
@@ -43,6 +44,9 @@ pub struct Plan {
     /// Pods started at once, and how often.
     pub parallel: usize,
     pub parallel_rounds: usize,
+    /// Row 11: pods changing state at once, and how many lifecycles each runs.
+    pub churn_pods: usize,
+    pub churn_cycles: usize,
     pub execs: usize,
     pub rtts: usize,
     pub stream_bytes: usize,
@@ -64,6 +68,8 @@ impl Plan {
                 containers: 3,
                 parallel: 4,
                 parallel_rounds: 1,
+                churn_pods: 10,
+                churn_cycles: 1,
                 execs: 5,
                 rtts: 50,
                 stream_bytes: 16 << 20,
@@ -79,6 +85,8 @@ impl Plan {
                 containers: 10,
                 parallel: 10,
                 parallel_rounds: 2,
+                churn_pods: 10,
+                churn_cycles: 3,
                 execs: 20,
                 rtts: 500,
                 stream_bytes: 64 << 20,

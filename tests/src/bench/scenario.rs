@@ -11,7 +11,9 @@ use super::janitor::{pids_naming, Janitor};
 use super::memory::{pss_of, Pss};
 use super::stats::{Samples, Unit};
 use super::table::{format_value, ratio};
-use super::{channel, floor, machine, peer, pods, streams, Options, Plan, SharedTable};
+use super::{
+    channel, floor, listing, machine, peer, pods, streams, Options, Plan, SharedTable,
+};
 use crate::cri::CriClient;
 use crate::daemon::TestDaemon;
 use crate::registry::TestRegistry;
@@ -148,6 +150,9 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
     }
     if wanted(&[9]) {
         stats_phase(&env).await.context("stats")?;
+    }
+    if wanted(&[11]) {
+        listing_phase(&env).await.context("list latency under churn")?;
     }
     if wanted(&[7]) {
         pull(&env, opts.peer).await.context("image pull")?;
@@ -683,6 +688,49 @@ async fn stats_rows(env: &Env, c: &CriClient, pods: &[String]) -> anyhow::Result
         cached,
         "within the 1 s sample cache",
     );
+    Ok(())
+}
+
+/// Row 11: ListContainers / ListPodSandbox latency while `plan.churn_pods` pods
+/// change state at once (see [`listing`]).
+async fn listing_phase(env: &Env) -> anyhow::Result<()> {
+    let (d, mut c) = env.daemon(None).await?;
+    c.pull(&env.busybox).await?;
+    let (n, cycles) = (env.plan.churn_pods, env.plan.churn_cycles);
+    let measured =
+        listing::churn_and_poll(&c, &env.busybox, &env.work.join("logs"), n, cycles).await;
+    pods::remove_all_pods(&mut c).await;
+    drop(c);
+    drop(d);
+    let l = measured?;
+    let failed = if l.failed.is_empty() {
+        String::new()
+    } else {
+        format!("; {} of {} cycles failed", l.failed.len(), l.cycles)
+    };
+    for e in &l.failed {
+        eprintln!("row 11: pod cycle failed: {e}");
+    }
+    for (call, samples) in [("ListContainers", l.containers), ("ListPodSandbox", l.pods)] {
+        let note = format!(
+            "p99 {}, max {}; {n} pods × {cycles} run → container → stop → remove{failed}",
+            samples
+                .percentile(0.99)
+                .map_or("-".into(), |v| format_value(Unit::Millis, v)),
+            samples
+                .max()
+                .map_or("-".into(), |v| format_value(Unit::Millis, v)),
+        );
+        env.add(
+            &format!("11. {call} during {n}-pod churn"),
+            Unit::Millis,
+            samples,
+            note,
+        );
+    }
+    if l.failed.len() == l.cycles {
+        bail!("every pod cycle failed, first: {}", l.failed[0]);
+    }
     Ok(())
 }
 

@@ -69,6 +69,10 @@ impl Samples {
     pub fn p90(&self) -> Option<f64> {
         self.percentile(0.9)
     }
+
+    pub fn max(&self) -> Option<f64> {
+        self.0.iter().copied().max_by(f64::total_cmp)
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +90,8 @@ mod tests {
         let one = Samples::from_values([7.0]);
         assert_eq!((one.median(), one.p90()), (Some(7.0), Some(7.0)));
         assert_eq!(Samples::new().median(), None);
+        assert_eq!(s.max(), Some(3.0));
+        assert_eq!(Samples::new().max(), None);
     }
 
     #[test]
