@@ -713,13 +713,14 @@ async fn listing_phase(env: &Env) -> anyhow::Result<()> {
     }
     for (call, samples) in [("ListContainers", l.containers), ("ListPodSandbox", l.pods)] {
         let note = format!(
-            "p99 {}, max {}; {n} pods × {cycles} run → container → stop → remove{failed}",
+            "p99 {}, max {}; {n} pods × {cycles} run → container → stop → remove, ≤ {} boots at once{failed}",
             samples
                 .percentile(0.99)
                 .map_or("-".into(), |v| format_value(Unit::Millis, v)),
             samples
                 .max()
                 .map_or("-".into(), |v| format_value(Unit::Millis, v)),
+            listing::BOOTS_AT_ONCE,
         );
         env.add(
             &format!("11. {call} during {n}-pod churn"),
