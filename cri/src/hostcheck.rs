@@ -1,6 +1,8 @@
 //! The `RuntimeReady` condition: whether this host can start a pod VM with the default
 //! runtime handler (QEMU, the helpers and the guest image are all there).
 
+use std::sync::Arc;
+
 use k8s_cri::v1 as cri;
 use vessel_sandbox::preflight::{host_problems, HostNeeds};
 use vessel_sandbox::Binaries;
@@ -27,8 +29,12 @@ pub fn default_handler_problems(config: &Config) -> Vec<String> {
     problems
 }
 
-pub fn runtime_condition(config: &Config) -> cri::RuntimeCondition {
-    let problems = default_handler_problems(config);
+/// The condition for the Status call. The checks search PATH and stat files, so
+/// they run on the blocking pool, not on the async worker serving the call.
+pub async fn runtime_condition(config: Arc<Config>) -> cri::RuntimeCondition {
+    let problems = tokio::task::spawn_blocking(move || default_handler_problems(&config))
+        .await
+        .unwrap_or_else(|e| vec![format!("the host check failed: {e}")]);
     cri::RuntimeCondition {
         r#type: "RuntimeReady".into(),
         status: problems.is_empty(),

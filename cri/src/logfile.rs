@@ -10,6 +10,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 /// Mode of the log files (vesseld logs image names, pod names and errors).
 const LOG_MODE: u32 = 0o640;
@@ -96,6 +98,83 @@ impl Write for RotatingFile {
     }
 }
 
+/// Hands vesseld's log lines to one thread that writes them, so an event logged on
+/// an async worker never waits for the disk (or a stalled stderr pipe). When the
+/// thread falls [`QUEUE`] lines behind, new lines are dropped and counted, and the
+/// count is written once it catches up: blocking every worker on a slow log would
+/// stall every pod.
+#[derive(Clone, Debug)]
+pub struct Background {
+    tx: mpsc::SyncSender<Msg>,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Line(Vec<u8>),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Lines queued at most.
+pub const QUEUE: usize = 8192;
+
+impl Background {
+    pub fn start<W: Write + Send + 'static>(mut out: W) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = dropped.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Msg::Line(line) => {
+                            let lost = counted.swap(0, Ordering::Relaxed);
+                            if lost > 0 {
+                                let note = format!("vesseld: {lost} log lines dropped: the log writer fell behind\n");
+                                let _ = out.write_all(note.as_bytes());
+                            }
+                            // Nowhere to report a failed log write but the log.
+                            let _ = out.write_all(&line);
+                        }
+                        Msg::Flush(done) => {
+                            let _ = out.flush();
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Background { tx, dropped })
+    }
+
+    /// Waits (at most `limit`) until every line queued before is written.
+    pub fn flush_blocking(&self, limit: std::time::Duration) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(limit);
+        }
+    }
+}
+
+impl Write for Background {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.tx.try_send(Msg::Line(buf.to_vec())) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                return Err(std::io::Error::other("the log writer thread is gone"));
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +220,19 @@ mod tests {
         f.write_all(b"a long event\n").unwrap();
         f.write_all(b"another one\n").unwrap();
         assert_eq!(read(&path), "another one\n");
+    }
+
+    #[test]
+    fn background_lines_are_written_in_order_and_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vesseld.log");
+        let mut bg = Background::start(RotatingFile::open(&path, 1 << 20, 1).unwrap()).unwrap();
+        for i in 0..100 {
+            bg.write_all(format!("event {i:03}\n").as_bytes()).unwrap();
+        }
+        bg.flush_blocking(std::time::Duration::from_secs(10));
+        let text = read(&path);
+        let want: String = (0..100).map(|i| format!("event {i:03}\n")).collect();
+        assert_eq!(text, want);
     }
 }

@@ -3,14 +3,33 @@
 //! [`crate::logfile`]). The filter can be replaced at run time (SIGHUP).
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::{Config, LogFormat};
-use crate::logfile::RotatingFile;
+use crate::logfile::{Background, RotatingFile};
+
+/// The log writer thread, for [`flush`] at exit.
+static WRITER: OnceLock<Background> = OnceLock::new();
+
+/// Writes out the log lines still queued (at most a few seconds); call before exit.
+pub fn flush() {
+    if let Some(w) = WRITER.get() {
+        w.flush_blocking(Duration::from_secs(3));
+    }
+}
+
+/// `out` behind the log writer thread, remembered for [`flush`].
+fn background<W: std::io::Write + Send + 'static>(out: W) -> anyhow::Result<Background> {
+    let w = Background::start(out)
+        .map_err(|e| anyhow::anyhow!("cannot start the log writer thread: {e}"))?;
+    let _ = WRITER.set(w.clone());
+    Ok(w)
+}
 
 /// Changes the log filter of the running process.
 #[derive(Clone)]
@@ -52,7 +71,8 @@ pub fn init(config: &Config) -> anyhow::Result<LogControl> {
                 config.log_max_files,
             )
             .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
-            let layer = fmt::layer().with_writer(Mutex::new(file)).with_ansi(false);
+            let w = background(file)?;
+            let layer = fmt::layer().with_writer(move || w.clone()).with_ansi(false);
             match config.log_format {
                 LogFormat::Text => registry.with(layer).try_init(),
                 LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
@@ -60,8 +80,9 @@ pub fn init(config: &Config) -> anyhow::Result<LogControl> {
         }
         None => {
             // Colour codes only help a terminal; redirected output stays plain.
+            let w = background(std::io::stderr())?;
             let layer = fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(move || w.clone())
                 .with_ansi(std::io::stderr().is_terminal());
             match config.log_format {
                 LogFormat::Text => registry.with(layer).try_init(),

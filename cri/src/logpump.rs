@@ -235,7 +235,12 @@ enum End {
 
 impl Pump {
     async fn run(self) {
-        let (file, mut done) = match OffsetFile::open(&self.offset_path) {
+        // Creating the dir and reading the file touch the disk: off the workers.
+        let path = self.offset_path.clone();
+        let opened = tokio::task::spawn_blocking(move || OffsetFile::open(&path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let (file, mut done) = match opened {
             Ok((f, o)) => (Some(Arc::new(f)), o),
             Err(e) => {
                 tracing::warn!(container = %self.id, path = %self.offset_path.display(), error = %e,

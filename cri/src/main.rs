@@ -5,6 +5,7 @@ mod check;
 mod config;
 mod containers;
 mod crilog;
+mod durable;
 mod events;
 mod hostcheck;
 mod hostdirs;
@@ -138,11 +139,13 @@ fn main() -> std::process::ExitCode {
         overrides,
         log,
     };
-    match server::run(config, reloader) {
+    let code = match server::run(config, reloader) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("vesseld failed: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    logging::flush();
+    code
 }

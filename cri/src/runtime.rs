@@ -100,7 +100,7 @@ impl RuntimeService for RuntimeSvc {
 
     async fn status(&self, req: Request<cri::StatusRequest>) -> R<cri::StatusResponse> {
         let conditions = vec![
-            crate::hostcheck::runtime_condition(&self.config),
+            crate::hostcheck::runtime_condition(self.config.clone()).await,
             crate::podnet::network_condition(&self.engine.net),
         ];
         let mut info = HashMap::new();

@@ -102,8 +102,11 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
     // them, so a supervisor may send clients now.
     crate::sdnotify::notify("READY=1");
 
+    // Inside the call log, so the logged latency includes making the change durable.
+    let durable = crate::durable::DurableLayer::new(engine.store.clone());
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
+        .layer(durable)
         .add_service(RuntimeServiceServer::new(
             RuntimeSvc::new(config.clone(), store.clone(), engine).with_streaming(streaming),
         ))

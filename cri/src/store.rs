@@ -1,19 +1,34 @@
 //! Pods and containers: their records, state machine, name reservations, and their
 //! persistence in the shared redb database (tables prefixed `runtime_`).
 //!
-//! Every change is written through to redb before the in-memory copy changes, so a
-//! vesseld killed at any point restarts with what it last acknowledged.
+//! The in-memory records are the truth. A change is checked and applied to them
+//! under a lock held only for that (no I/O), and queued in the same step to one
+//! writer thread ([`writer`]) that commits the changes to redb in that order. So
+//! reads (the kubelet's List calls) never wait for an fsync, and the file always
+//! holds a prefix of the applied changes.
+//!
+//! What a caller may rely on: a change is visible to every later read as soon as
+//! its method returns; it is durable once a later [`StateStore::flush`] resolves
+//! Ok. The CRI edge awaits `flush` before answering a call that changed state
+//! (`crate::durable`), so what vesseld acknowledged survives a kill. A failed commit
+//! is logged, and `flush` and every later change return it.
+
+mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use writer::{Op, Writer};
+
 /// pod id → JSON [`PodRecord`].
-const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("runtime_pods");
+const PODS: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("runtime_pods");
 /// container id → JSON [`ContainerRecord`].
-const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("runtime_containers");
+const CONTAINERS: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("runtime_containers");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PodState {
@@ -202,19 +217,32 @@ pub type ChangeHook =
 /// The pod and container records. Cheap to clone.
 #[derive(Clone)]
 pub struct StateStore {
-    db: Arc<Database>,
-    inner: Arc<Mutex<Inner>>,
-    /// Observers of committed changes (events, metrics). Called with the store locked,
-    /// so they see changes in commit order; they must be quick and not call back.
+    inner: Arc<RwLock<Inner>>,
+    /// Commits the changes in the order they were applied; the last clone of the
+    /// store to go waits for it to commit what is queued.
+    writer: Arc<Writer>,
+    /// Observers of applied changes (events, metrics). Called with the store locked
+    /// for writing, so they see changes in the order the writer commits them; they
+    /// must be quick and not call back.
     hooks: Arc<Mutex<Vec<ChangeHook>>>,
 }
 
-fn decode<T: for<'a> Deserialize<'a>>(id: &str, raw: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|e| StoreError::Db(format!("record {id}: {e}")))
+/// Decodes the stored record `id`; a record that does not decode is an error
+/// naming it (never a default: the record holds what runs).
+fn decode<T: for<'a> Deserialize<'a>>(kind: &str, id: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| {
+        StoreError::Db(format!(
+            "stored {kind} record {id} does not decode ({e}); remove it from the state database or restore a backup"
+        ))
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(StoreError::db)
 }
 
 impl StateStore {
-    /// Loads every record and rebuilds the name reservations.
+    /// Loads every record, rebuilds the name reservations and starts the writer.
     pub fn open(db: Arc<Database>) -> Result<Self, StoreError> {
         {
             // Creates the tables so that reads never meet a missing one.
@@ -228,7 +256,7 @@ impl StateStore {
         let pods = rtx.open_table(PODS).map_err(StoreError::db)?;
         for entry in pods.iter().map_err(StoreError::db)? {
             let (k, v) = entry.map_err(StoreError::db)?;
-            let p: PodRecord = decode(k.value(), v.value())?;
+            let p: PodRecord = decode("pod", k.value(), v.value())?;
             inner.pod_names.insert(
                 pod_name_key(&p.name, &p.namespace, &p.uid, p.attempt),
                 p.id.clone(),
@@ -238,18 +266,32 @@ impl StateStore {
         let ctrs = rtx.open_table(CONTAINERS).map_err(StoreError::db)?;
         for entry in ctrs.iter().map_err(StoreError::db)? {
             let (k, v) = entry.map_err(StoreError::db)?;
-            let c: ContainerRecord = decode(k.value(), v.value())?;
+            let c: ContainerRecord = decode("container", k.value(), v.value())?;
             inner.container_names.insert(
                 container_name_key(&c.pod_id, &c.name, c.attempt),
                 c.id.clone(),
             );
             inner.containers.insert(c.id.clone(), c);
         }
+        drop((pods, ctrs, rtx));
         Ok(StateStore {
-            db,
-            inner: Arc::new(Mutex::new(inner)),
+            inner: Arc::new(RwLock::new(inner)),
+            writer: Arc::new(Writer::start(db)?),
             hooks: Arc::default(),
         })
+    }
+
+    /// Resolves once every change applied before this call is committed to disk,
+    /// or with the commit error that stopped the writer. Awaited by the CRI edge
+    /// before it acknowledges a call that changed state.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer.send(Op::Flush(tx))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(writer::failed_error(&e)),
+            Err(_) => Err(StoreError::Db("the state writer thread is gone".into())),
+        }
     }
 
     /// Adds an observer of every later committed change.
@@ -278,39 +320,47 @@ impl StateStore {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves consistent data (writes go to the
-        // db first), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    // A panic while a lock is held leaves consistent data (every check and the
+    // caller's closure run before anything changes), so a poisoned lock is usable.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put<T: Serialize>(
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the record for the writer; called with the write lock held, after
+    /// every check and before the memory changes, so the queue's order is the order
+    /// in which changes become visible.
+    fn queue_put(
         &self,
-        table: TableDefinition<&str, &[u8]>,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
         id: &str,
-        value: &T,
+        raw: Vec<u8>,
     ) -> Result<(), StoreError> {
-        let raw = serde_json::to_vec(value).map_err(StoreError::db)?;
-        let wtx = self.db.begin_write().map_err(StoreError::db)?;
-        {
-            let mut t = wtx.open_table(table).map_err(StoreError::db)?;
-            t.insert(id, raw.as_slice()).map_err(StoreError::db)?;
-        }
-        wtx.commit().map_err(StoreError::db)
+        self.writer.send(Op::Put {
+            table,
+            id: id.to_owned(),
+            raw,
+        })
     }
 
-    fn delete(&self, table: TableDefinition<&str, &[u8]>, id: &str) -> Result<(), StoreError> {
-        let wtx = self.db.begin_write().map_err(StoreError::db)?;
-        {
-            let mut t = wtx.open_table(table).map_err(StoreError::db)?;
-            t.remove(id).map_err(StoreError::db)?;
-        }
-        wtx.commit().map_err(StoreError::db)
+    fn queue_delete(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.writer.send(Op::Delete {
+            table,
+            id: id.to_owned(),
+        })
     }
 
-    /// Reserves the pod's name and persists it; fails naming the current holder.
+    /// Reserves the pod's name and records it; fails naming the current holder.
     pub fn add_pod(&self, pod: PodRecord) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let raw = encode(&pod)?;
+        let mut inner = self.write();
         let key = pod_name_key(&pod.name, &pod.namespace, &pod.uid, pod.attempt);
         if let Some(holder) = inner.pod_names.get(&key) {
             return Err(StoreError::NameTaken {
@@ -319,7 +369,7 @@ impl StateStore {
                 holder: holder.clone(),
             });
         }
-        self.put(PODS, &pod.id, &pod)?;
+        self.queue_put(PODS, &pod.id, raw)?;
         inner.pod_names.insert(key, pod.id.clone());
         inner.pods.insert(pod.id.clone(), pod.clone());
         let change = Change::Pod {
@@ -330,13 +380,13 @@ impl StateStore {
         Ok(())
     }
 
-    /// Applies `f` to a pod record and persists the result.
+    /// Applies `f` to a pod record and records the result.
     pub fn update_pod(
         &self,
         id: &str,
         f: impl FnOnce(&mut PodRecord),
     ) -> Result<PodRecord, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let mut pod = inner
             .pods
             .get(id)
@@ -347,7 +397,7 @@ impl StateStore {
             })?;
         let old = pod.clone();
         f(&mut pod);
-        self.put(PODS, id, &pod)?;
+        self.queue_put(PODS, id, encode(&pod)?)?;
         inner.pods.insert(id.to_owned(), pod.clone());
         let change = Change::Pod {
             old: Some(&old),
@@ -359,11 +409,11 @@ impl StateStore {
 
     /// Removes a pod record and frees its name; its containers must be gone already.
     pub fn remove_pod(&self, id: &str) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let Some(pod) = inner.pods.get(id).cloned() else {
             return Ok(());
         };
-        self.delete(PODS, id)?;
+        self.queue_delete(PODS, id)?;
         inner.pods.remove(id);
         inner.pod_names.remove(&pod_name_key(
             &pod.name,
@@ -381,20 +431,21 @@ impl StateStore {
 
     /// Finds a pod by id or unique id prefix.
     pub fn pod(&self, id: &str) -> Result<PodRecord, StoreError> {
-        let inner = self.lock();
+        let inner = self.read();
         let id = resolve(&inner.pods, id, "pod sandbox")?;
         Ok(inner.pods[&id].clone())
     }
 
     pub fn pods(&self) -> Vec<PodRecord> {
-        let mut v: Vec<_> = self.lock().pods.values().cloned().collect();
+        let mut v: Vec<_> = self.read().pods.values().cloned().collect();
         v.sort_by_key(|p| p.created_at_ns);
         v
     }
 
-    /// Reserves the container's name within its pod and persists it.
+    /// Reserves the container's name within its pod and records it.
     pub fn add_container(&self, c: ContainerRecord) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let raw = encode(&c)?;
+        let mut inner = self.write();
         if !inner.pods.contains_key(&c.pod_id) {
             return Err(StoreError::NotFound {
                 kind: "pod sandbox",
@@ -409,7 +460,7 @@ impl StateStore {
                 holder: holder.clone(),
             });
         }
-        self.put(CONTAINERS, &c.id, &c)?;
+        self.queue_put(CONTAINERS, &c.id, raw)?;
         inner.container_names.insert(key, c.id.clone());
         inner.containers.insert(c.id.clone(), c.clone());
         let change = Change::Container {
@@ -420,14 +471,14 @@ impl StateStore {
         Ok(())
     }
 
-    /// Applies `f` to a container record and persists it. A state change made by
+    /// Applies `f` to a container record and records it. A state change made by
     /// `f` must be allowed by [`transition_allowed`].
     pub fn update_container(
         &self,
         id: &str,
         f: impl FnOnce(&mut ContainerRecord),
     ) -> Result<ContainerRecord, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let old = inner
             .containers
             .get(id)
@@ -445,7 +496,7 @@ impl StateStore {
                 to: c.state,
             });
         }
-        self.put(CONTAINERS, id, &c)?;
+        self.queue_put(CONTAINERS, id, encode(&c)?)?;
         inner.containers.insert(id.to_owned(), c.clone());
         let change = Change::Container {
             old: Some(&old),
@@ -456,11 +507,11 @@ impl StateStore {
     }
 
     pub fn remove_container(&self, id: &str) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let Some(c) = inner.containers.get(id).cloned() else {
             return Ok(());
         };
-        self.delete(CONTAINERS, id)?;
+        self.queue_delete(CONTAINERS, id)?;
         inner.containers.remove(id);
         inner
             .container_names
@@ -475,20 +526,20 @@ impl StateStore {
 
     /// Finds a container by id or unique id prefix.
     pub fn container(&self, id: &str) -> Result<ContainerRecord, StoreError> {
-        let inner = self.lock();
+        let inner = self.read();
         let id = resolve(&inner.containers, id, "container")?;
         Ok(inner.containers[&id].clone())
     }
 
     pub fn containers(&self) -> Vec<ContainerRecord> {
-        let mut v: Vec<_> = self.lock().containers.values().cloned().collect();
+        let mut v: Vec<_> = self.read().containers.values().cloned().collect();
         v.sort_by_key(|c| c.created_at_ns);
         v
     }
 
     pub fn containers_of(&self, pod_id: &str) -> Vec<ContainerRecord> {
         let mut v: Vec<_> = self
-            .lock()
+            .read()
             .containers
             .values()
             .filter(|c| c.pod_id == pod_id)
@@ -529,6 +580,8 @@ fn resolve<T>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
 
     pub(crate) fn db(dir: &std::path::Path) -> Arc<Database> {
         Arc::new(Database::create(dir.join("state.redb")).unwrap())
@@ -674,5 +727,187 @@ pub(crate) mod tests {
         assert!(matches!(s.pod(""), Err(StoreError::NotFound { .. })));
         assert_eq!(new_id().len(), 64);
         assert_ne!(new_id(), new_id());
+    }
+
+    /// Reads what the file holds for pod `id` (committed transactions only).
+    fn pod_on_disk(db: &Database, id: &str) -> Option<PodRecord> {
+        let rtx = db.begin_read().unwrap();
+        let t = rtx.open_table(PODS).unwrap();
+        let raw = t.get(id).unwrap()?;
+        Some(serde_json::from_slice(raw.value()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn flush_makes_changes_durable_and_they_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db1 = db(dir.path());
+        let s = StateStore::open(db1.clone()).unwrap();
+        s.add_pod(pod("p1", "web", 0)).unwrap();
+        s.update_pod("p1", |p| p.ips = vec!["10.0.0.2".into()])
+            .unwrap();
+        s.add_pod(pod("p2", "db", 0)).unwrap();
+        s.remove_pod("p2").unwrap();
+        s.flush().await.unwrap();
+        // Committed by the flush itself, not by the store going away.
+        assert_eq!(pod_on_disk(&db1, "p1").unwrap().ips, ["10.0.0.2"]);
+        assert!(pod_on_disk(&db1, "p2").is_none());
+        drop((s, db1));
+        let s = StateStore::open(db(dir.path())).unwrap();
+        assert_eq!(s.pod("p1").unwrap().ips, ["10.0.0.2"]);
+        assert!(s.pod("p2").is_err());
+    }
+
+    #[tokio::test]
+    async fn changes_commit_and_notify_in_the_order_they_were_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(db(dir.path())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        s.observe(Arc::new(move |change, _, _| {
+            if let Change::Container { new, .. } = change {
+                log.lock()
+                    .unwrap()
+                    .push((new.map(|c| c.pod_id.clone()), new.map(|c| c.exit_code)));
+            }
+        }));
+        // Four threads, each changing its own container 200 times, at once.
+        for t in 0..4 {
+            s.add_pod(pod(&format!("p{t}"), &format!("pod{t}"), 0))
+                .unwrap();
+            s.add_container(ctr(&format!("c{t}"), &format!("p{t}"), "app", 0))
+                .unwrap();
+        }
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let s = s.clone();
+                scope.spawn(move || {
+                    for i in 1..=200 {
+                        s.update_container(&format!("c{t}"), |c| c.exit_code = i)
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        // The last pod's container is removed then added again: a reopen that
+        // applied these out of order would lose it.
+        s.remove_container("c3").unwrap();
+        let mut again = ctr("c3", "p3", "app", 0);
+        again.exit_code = 999;
+        s.add_container(again).unwrap();
+        s.flush().await.unwrap();
+
+        let seen = seen.lock().unwrap().clone();
+        for t in 0..4 {
+            let codes: Vec<i32> = seen
+                .iter()
+                .filter(|(p, _)| p.as_deref() == Some(&format!("p{t}")))
+                .filter_map(|(_, code)| *code)
+                .collect();
+            let mut want: Vec<i32> = std::iter::once(0).chain(1..=200).collect();
+            if t == 3 {
+                want.push(999);
+            }
+            assert_eq!(codes, want, "pod p{t}");
+        }
+        drop(s);
+        let s = StateStore::open(db(dir.path())).unwrap();
+        for t in 0..3 {
+            assert_eq!(s.container(&format!("c{t}")).unwrap().exit_code, 200);
+        }
+        assert_eq!(s.container("c3").unwrap().exit_code, 999);
+    }
+
+    #[tokio::test]
+    async fn reads_and_writes_do_not_wait_for_a_commit_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let db1 = db(dir.path());
+        let s = StateStore::open(db1.clone()).unwrap();
+        s.add_pod(pod("p1", "web", 0)).unwrap();
+        s.flush().await.unwrap();
+        // Hold redb's one write transaction: the writer thread blocks in its commit.
+        let held = db1.begin_write().unwrap();
+        s.add_container(ctr("c1", "p1", "app", 0)).unwrap();
+        s.update_pod("p1", |p| p.state = PodState::NotReady)
+            .unwrap();
+        // Reads see the changes at once, while they are not durable yet.
+        assert_eq!(s.containers().len(), 1);
+        assert_eq!(s.pod("p1").unwrap().state, PodState::NotReady);
+        let waiting = tokio::time::timeout(Duration::from_millis(300), s.flush()).await;
+        assert!(waiting.is_err(), "flush resolved while the commit was held");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), s.flush())
+            .await
+            .expect("flush once the writer is free")
+            .unwrap();
+        assert_eq!(pod_on_disk(&db1, "p1").unwrap().state, PodState::NotReady);
+    }
+
+    /// Memory storage whose fsync fails once `fail` is set.
+    #[derive(Debug)]
+    struct FailingSync {
+        mem: redb::backends::InMemoryBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FailingSync {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.mem.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.mem.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.mem.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected: disk gone"));
+            }
+            self.mem.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.mem.write(offset, data)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_returned_by_flush_and_later_writes() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let backend = FailingSync {
+            mem: redb::backends::InMemoryBackend::new(),
+            fail: fail.clone(),
+        };
+        let db = Arc::new(Database::builder().create_with_backend(backend).unwrap());
+        let s = StateStore::open(db).unwrap();
+        s.add_pod(pod("p1", "web", 0)).unwrap();
+        s.flush().await.unwrap();
+        fail.store(true, Ordering::SeqCst);
+        // Applied in memory and queued; the commit fails behind it.
+        s.add_pod(pod("p2", "db", 0)).unwrap();
+        let e = s.flush().await.unwrap_err().to_string();
+        assert!(e.contains("injected: disk gone"), "{e}");
+        // Every later change and flush says so, even with the disk back.
+        fail.store(false, Ordering::SeqCst);
+        let e = s.add_pod(pod("p3", "x", 0)).unwrap_err().to_string();
+        assert!(e.contains("commit failed"), "{e}");
+        assert!(s.flush().await.is_err());
+        assert!(s.update_pod("p1", |_| ()).is_err());
+        // Reads still answer from memory.
+        assert_eq!(s.pods().len(), 2);
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_fails_open_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db1 = db(dir.path());
+        drop(StateStore::open(db1.clone()).unwrap());
+        let wtx = db1.begin_write().unwrap();
+        wtx.open_table(CONTAINERS)
+            .unwrap()
+            .insert("c-broken", b"{\"id\":".as_slice())
+            .unwrap();
+        wtx.commit().unwrap();
+        let e = StateStore::open(db1).err().unwrap().to_string();
+        assert!(e.contains("container record c-broken"), "{e}");
     }
 }

@@ -70,8 +70,20 @@ async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
         }
     };
     let exec_id = hex::encode(rand::random::<[u8; 8]>());
-    let mut process: oci_spec::runtime::Process =
-        serde_json::from_str(&c.process_json).unwrap_or_default();
+    // The exec runs as the container's main process does (user, caps, env); a
+    // default Process would run it as root with default caps, so a missing or
+    // corrupt stored spec refuses the exec.
+    let mut process: oci_spec::runtime::Process = match serde_json::from_str(&c.process_json) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(container = %c.id, error = %e, "stored process spec does not decode");
+            let _ = io.status.send(k8s::Status::failure(format!(
+                "container {} has no usable stored process spec ({e}); recreate the container",
+                c.id
+            )));
+            return;
+        }
+    };
     process.set_args(Some(req.cmd.clone()));
     process.set_terminal(Some(req.tty));
     process.set_console_size(None);

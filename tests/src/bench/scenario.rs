@@ -11,9 +11,7 @@ use super::janitor::{pids_naming, Janitor};
 use super::memory::{pss_of, Pss};
 use super::stats::{Samples, Unit};
 use super::table::{format_value, ratio};
-use super::{
-    channel, floor, listing, machine, peer, pods, streams, Options, Plan, SharedTable,
-};
+use super::{channel, floor, listing, machine, peer, pods, streams, Options, Plan, SharedTable};
 use crate::cri::CriClient;
 use crate::daemon::TestDaemon;
 use crate::registry::TestRegistry;
@@ -152,7 +150,9 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
         stats_phase(&env).await.context("stats")?;
     }
     if wanted(&[11]) {
-        listing_phase(&env).await.context("list latency under churn")?;
+        listing_phase(&env)
+            .await
+            .context("list latency under churn")?;
     }
     if wanted(&[7]) {
         pull(&env, opts.peer).await.context("image pull")?;
