@@ -24,6 +24,23 @@ pub struct FloorBoot {
     pub helpers: Duration,
     /// QEMU spawned until Health answered.
     pub vmm_to_agent: Duration,
+    /// CPU time QEMU used until then (all its threads): unlike wall time, barely
+    /// moved by other load on a shared machine.
+    pub vmm_cpu: Option<Duration>,
+}
+
+/// User + system CPU time of `pid` so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    (hz > 0).then(|| Duration::from_millis((utime + stime) * 1000 / hz))
 }
 
 /// One boot in `work/<name>`; everything it started is gone when it returns.
@@ -116,8 +133,27 @@ async fn boot(
         .health()
         .await
         .context("agent Health")?;
+    let vmm_to_agent = t_vmm.elapsed();
     Ok(FloorBoot {
         helpers,
-        vmm_to_agent: t_vmm.elapsed(),
+        vmm_to_agent,
+        vmm_cpu: cpu_time(qemu.pid()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_time_is_read() {
+        // Burn a little CPU so the count is not zero at a 10 ms tick.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let cpu = cpu_time(std::process::id() as i32).expect("own /proc stat");
+        assert!(cpu > Duration::ZERO, "{cpu:?}");
+    }
 }

@@ -19,6 +19,7 @@ use crate::testhost::TestHost;
 use crate::testimages::{self, LayerCompression};
 
 const FLOOR: &str = "1. floor: QEMU spawn → agent Health (direct, no vesseld)";
+const FLOOR_CPU: &str = "   ↳ QEMU CPU time until then";
 const RUN_PLAIN: &str = "2. RunPodSandbox, no network";
 const RUN_CNI: &str = "2. RunPodSandbox, CNI bridge";
 const RTT: &str = "8. agent channel: empty call RTT";
@@ -162,6 +163,7 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
 
 async fn floor_row(env: &Env) -> anyhow::Result<()> {
     let mut samples = Samples::new();
+    let mut cpu = Samples::new();
     for i in 0..env.plan.boots {
         let boot = floor::boot_once(
             &env.work,
@@ -173,6 +175,9 @@ async fn floor_row(env: &Env) -> anyhow::Result<()> {
         )
         .await?;
         samples.push_duration(boot.vmm_to_agent);
+        if let Some(c) = boot.vmm_cpu {
+            cpu.push_duration(c);
+        }
     }
     env.add(
         FLOOR,
@@ -182,6 +187,12 @@ async fn floor_row(env: &Env) -> anyhow::Result<()> {
             "same kernel, initrd, 1 vCPU, {} MiB, virtiofs + vsock",
             env.plan.memory_mib
         ),
+    );
+    env.add(
+        FLOOR_CPU,
+        Unit::Millis,
+        cpu,
+        "user + system, all QEMU threads: less moved by other load than wall time",
     );
     Ok(())
 }
