@@ -2,9 +2,10 @@
 
 mod calllog;
 mod check;
+mod clock;
 mod config;
-mod containers;
 mod crilog;
+mod engine;
 mod events;
 mod hostcheck;
 mod hostdirs;
@@ -18,10 +19,11 @@ mod metrics;
 mod oci;
 mod outcursor;
 mod passwd;
+mod podfiles;
 mod podnet;
-mod pods;
 mod reload;
 mod runtime;
+mod scratch;
 mod sdnotify;
 mod server;
 mod stats;

@@ -19,7 +19,8 @@ use vessel_streamproto::k8s;
 
 use super::io::{until_gone, ExecIo, QUEUE};
 use super::Pending;
-use crate::pods::{store_status, Engine};
+use crate::engine::Engine;
+use crate::status::store_status;
 use crate::store::{ContainerRecord, ContainerState, PodState};
 
 fn agent_err(what: &str, e: vessel_sandbox::Error) -> String {
@@ -31,14 +32,14 @@ pub fn check_container(
     engine: &Engine,
     id: &str,
 ) -> Result<(ContainerRecord, AgentClient), Status> {
-    let c = engine.store.container(id).map_err(store_status)?;
+    let c = engine.store().container(id).map_err(store_status)?;
     if c.state != ContainerState::Running {
         return Err(Status::failed_precondition(format!(
             "container {} is not running ({:?})",
             c.id, c.state
         )));
     }
-    let pod = engine.store.pod(&c.pod_id).map_err(store_status)?;
+    let pod = engine.store().pod(&c.pod_id).map_err(store_status)?;
     match (pod.state, engine.live_pod(&pod.id)) {
         (PodState::Ready, Some(live)) => {
             let agent = live.vm.agent().clone();
@@ -70,8 +71,13 @@ async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
         }
     };
     let exec_id = hex::encode(rand::random::<[u8; 8]>());
-    let mut process: oci_spec::runtime::Process =
-        serde_json::from_str(&c.process_json).unwrap_or_default();
+    let mut process = match crate::engine::exec_process(&c) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = io.status.send(k8s::Status::failure(e.to_string()));
+            return;
+        }
+    };
     process.set_args(Some(req.cmd.clone()));
     process.set_terminal(Some(req.tty));
     process.set_console_size(None);
