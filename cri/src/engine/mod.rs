@@ -25,6 +25,9 @@ mod error;
 mod exec;
 mod exits;
 mod pod;
+mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,6 +45,7 @@ use crate::store::StateStore;
 
 pub use error::RuntimeError;
 pub use exec::exec_process;
+use steps::{HostSteps, PodSteps};
 
 /// A running pod VM and what lives with it.
 pub struct LivePod {
@@ -78,6 +82,8 @@ pub struct Engine {
     net: vessel_network::NetworkManager,
     /// Each pod's scratch disk (its containers' writable layers).
     scratch: ScratchDisks,
+    /// The host steps of a pod's start and their undo (the seam for fakes).
+    steps: Arc<dyn PodSteps>,
 }
 
 impl Engine {
@@ -201,6 +207,22 @@ impl Engine {
         let store = StateStore::open(db)?;
         let net = crate::podnet::manager(&config);
         let scratch = crate::scratch::scratch_disks(&config);
+        let steps = Arc::new(HostSteps {
+            net: net.clone(),
+            scratch: scratch.clone(),
+        });
+        Ok(Self::with_steps(config, images, store, net, scratch, steps).await)
+    }
+
+    /// An engine whose pod steps are `steps`; recovers the stored pods.
+    async fn with_steps(
+        config: Arc<Config>,
+        images: ImageStore,
+        store: StateStore,
+        net: vessel_network::NetworkManager,
+        scratch: ScratchDisks,
+        steps: Arc<dyn PodSteps>,
+    ) -> Arc<Self> {
         let engine = Arc::new(Engine {
             scratch,
             config,
@@ -208,9 +230,10 @@ impl Engine {
             store,
             pods: Mutex::default(),
             net,
+            steps,
         });
         engine.recover().await;
-        Ok(engine)
+        engine
     }
 }
 

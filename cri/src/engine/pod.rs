@@ -38,7 +38,7 @@ impl Engine {
                 log_failed(
                     &pod.id,
                     "release the share dir",
-                    destroy_share(ShareDir::existing(&self.share_path(&pod.id))).await,
+                    self.steps.destroy_share(self.share_path(&pod.id)).await,
                 );
                 self.release_network(&pod.id).await;
                 self.release_scratch(&pod.id).await;
@@ -100,24 +100,8 @@ impl Engine {
         log_failed(
             pod_id,
             "release the pod network",
-            crate::podnet::teardown(&self.net, pod_id).await,
+            self.steps.teardown_network(pod_id).await,
         );
-    }
-
-    /// Deletes a pod's scratch disk (its VM is gone: nothing reads it again).
-    /// Unlinking a large sparse file walks its extents: off the async workers.
-    async fn remove_scratch(&self, pod_id: &str) -> Result<(), RuntimeError> {
-        let scratch = self.scratch.clone();
-        let id = pod_id.to_owned();
-        tokio::task::spawn_blocking(move || scratch.remove(&id))
-            .await
-            .map_err(|e| RuntimeError::task("scratch disk removal", e))?
-            .map_err(|e| {
-                RuntimeError::internal(format!(
-                    "cannot remove the pod's scratch disk (check {}): {e}",
-                    self.scratch.dir().display()
-                ))
-            })
     }
 
     /// [`Self::remove_scratch`] where a failure is only logged (RemovePodSandbox
@@ -126,7 +110,7 @@ impl Engine {
         log_failed(
             pod_id,
             "remove the scratch disk",
-            self.remove_scratch(pod_id).await,
+            self.steps.remove_scratch(pod_id).await,
         );
     }
 
@@ -301,12 +285,12 @@ impl Engine {
         log_failed(
             id,
             "tear down the pod network",
-            crate::podnet::teardown(&self.net, id).await,
+            self.steps.teardown_network(id).await,
         );
         log_failed(
             id,
             "release the share dir",
-            destroy_share(ShareDir::existing(&self.share_path(id))).await,
+            self.steps.destroy_share(self.share_path(id)).await,
         );
         log_failed(
             id,
@@ -335,26 +319,14 @@ impl Engine {
             .await?;
         }
         let phase = Instant::now();
-        let pod_net = crate::podnet::setup(&self.net, id, config).await?;
+        let pod_net = self.steps.setup_network(id, config).await?;
         timings.network_ms = millis(phase.elapsed());
         let phase = Instant::now();
         let mut files = crate::podfiles::pod_files(config);
         if let Some(n) = &pod_net {
             crate::podnet::adjust_pod_files(&mut files, &n.plan, config);
         }
-        let share_path = self.share_path(id);
-        let share = tokio::task::spawn_blocking(move || {
-            let share = ShareDir::create(&share_path)
-                .map_err(|e| RuntimeError::internal(format!("pod share dir: {e}")))?;
-            for (name, contents) in &files {
-                share
-                    .write_pod_file(name, contents.as_bytes())
-                    .map_err(|e| RuntimeError::internal(format!("pod file {name}: {e}")))?;
-            }
-            Ok::<_, RuntimeError>(share)
-        })
-        .await
-        .map_err(|e| RuntimeError::task("share dir setup", e))??;
+        let share = self.steps.create_share(self.share_path(id), files).await?;
         timings.share_ms = millis(phase.elapsed());
 
         let kernel = handler
@@ -379,18 +351,10 @@ impl Engine {
             .filter(|p| !p.is_empty());
         if handler.writable_layer_mib > 0 {
             let phase = Instant::now();
-            let scratch = self.scratch.clone();
-            let (pod, mib) = (id.to_owned(), handler.writable_layer_mib);
-            let disk = tokio::task::spawn_blocking(move || scratch.create(&pod, mib))
-                .await
-                .map_err(|e| RuntimeError::task("scratch disk creation", e))?
-                .map_err(|e| {
-                    RuntimeError::internal(format!(
-                        "cannot create the pod's scratch disk (is mkfs.ext4 (e2fsprogs) \
-                         installed, is there space under {}?): {e}",
-                        self.scratch.dir().display()
-                    ))
-                })?;
+            let disk = self
+                .steps
+                .create_scratch(id, handler.writable_layer_mib)
+                .await?;
             vmc.scratch_disk = Some(vessel_sandbox::DiskConfig {
                 file: Arc::new(disk.file),
                 file_ro: Arc::new(disk.file_ro),
@@ -404,9 +368,7 @@ impl Engine {
             vmc.net = Some(crate::podnet::vm_nic(n));
             plan
         });
-        let vm = PodVm::start(vmc)
-            .await
-            .map_err(|e| RuntimeError::sandbox("cannot start the pod VM", e))?;
+        let vm = self.steps.start_vm(vmc).await?;
         if let Some(boot) = vm.boot_timing() {
             timings.helpers_ms = millis(boot.helpers);
             timings.vm_to_agent_ms = millis(boot.vmm_to_agent);
@@ -497,8 +459,8 @@ impl Engine {
         }
         // The VM is gone: its containers' writable layers go too, freeing the disk
         // now rather than at RemovePodSandbox.
-        self.remove_scratch(&pod.id).await?;
-        crate::podnet::teardown(&self.net, &pod.id).await?;
+        self.steps.remove_scratch(&pod.id).await?;
+        self.steps.teardown_network(&pod.id).await?;
         self.finish_containers(&pod.id, "the pod sandbox was stopped");
         self.store
             .update_pod(&pod.id, |p| p.state = PodState::NotReady)?;
@@ -518,7 +480,7 @@ impl Engine {
         log_failed(
             &pod.id,
             "release the share dir",
-            destroy_share(ShareDir::existing(&self.share_path(&pod.id))).await,
+            self.steps.destroy_share(self.share_path(&pod.id)).await,
         );
         remove_tree(self.pod_dir(&pod.id)).await?;
         log_failed(
