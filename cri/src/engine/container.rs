@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use prost::Message as _;
-use vessel_proto::agent as pb;
 use vessel_proto::{GUEST_POD_FILES_DIR, GUEST_SCRATCH_DIR, GUEST_SHARE_DIR};
 use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
 
@@ -286,24 +285,19 @@ impl Engine {
         // The writable layer goes on the pod's scratch disk (node disk), not in
         // guest memory; see docs/design.md, "Writable layers".
         let writable = format!("{GUEST_SCRATCH_DIR}/{id}");
-        let req = pb::CreateContainerRequest {
-            container_id: id.to_owned(),
+        let new = vessel_sandbox::NewContainer {
+            id: id.to_owned(),
             oci_spec_json: spec_json,
-            rootfs: Some(pb::Rootfs {
-                path: format!("{root}/merged"),
-                overlay_lower: guest_lowerdirs(layers, &format!("{GUEST_SHARE_DIR}/layers")),
-                overlay_upper: format!("{writable}/upper"),
-                overlay_work: format!("{writable}/work"),
-            }),
+            rootfs: format!("{root}/merged"),
+            overlay_lower: guest_lowerdirs(layers, &format!("{GUEST_SHARE_DIR}/layers")),
+            overlay_upper: format!("{writable}/upper"),
+            overlay_work: format!("{writable}/work"),
             stdin: config.stdin,
             stdin_once: config.stdin_once,
-            share_pid_ns_with: String::new(),
-            share_ipc_ns_with: String::new(),
             pod_pid_ns: share_pid,
         };
         live.vm
-            .agent()
-            .create_container(req)
+            .create_container(new)
             .await
             .map_err(|e| RuntimeError::agent("agent CreateContainer", e))?;
         Ok(process_json)
@@ -321,10 +315,7 @@ impl Engine {
         }
         let live = self.ready_pod(&c.pod_id)?;
         live.vm
-            .agent()
-            .start_container(pb::ContainerRef {
-                container_id: c.id.clone(),
-            })
+            .start_container(&c.id)
             .await
             .map_err(|e| RuntimeError::agent("agent StartContainer", e))?;
         self.store.update_container(&c.id, |c| {
@@ -390,19 +381,10 @@ impl Engine {
                 c.id
             )));
         };
-        let agent = live.vm.agent();
         let mut exited = ctr.exited.clone();
         if timeout_s > 0 {
             let sig = signal_number(&c.stop_signal)?;
-            if let Err(e) = agent
-                .signal_process(pb::SignalProcessRequest {
-                    container_id: c.id.clone(),
-                    exec_id: String::new(),
-                    signal: sig as u32,
-                    all: false,
-                })
-                .await
-            {
+            if let Err(e) = live.vm.signal_container(&c.id, sig, false).await {
                 // SIGKILL follows after the grace period.
                 tracing::debug!(container = %c.id, error = %e, "stop signal failed");
             }
@@ -414,13 +396,8 @@ impl Engine {
                 return Ok(());
             }
         }
-        agent
-            .signal_process(pb::SignalProcessRequest {
-                container_id: c.id.clone(),
-                exec_id: String::new(),
-                signal: libc::SIGKILL as u32,
-                all: true,
-            })
+        live.vm
+            .signal_container(&c.id, libc::SIGKILL, true)
             .await
             .map_err(|e| RuntimeError::agent("agent SignalProcess", e))?;
         tokio::time::timeout(KILL_WAIT, exited.wait_for(|d| *d))
@@ -455,14 +432,7 @@ impl Engine {
                 continue;
             }
             if let Some(live) = self.live_pod(&c.pod_id) {
-                if let Err(e) = live
-                    .vm
-                    .agent()
-                    .remove_container(pb::ContainerRef {
-                        container_id: c.id.clone(),
-                    })
-                    .await
-                {
+                if let Err(e) = live.vm.remove_container(&c.id).await {
                     let gone = matches!(&e, vessel_sandbox::Error::Agent(s) if s.code() == tonic::Code::NotFound);
                     if !gone {
                         return Err(RuntimeError::agent("agent RemoveContainer", e));
@@ -502,11 +472,7 @@ impl Engine {
         let json = serde_json::to_vec(&oci::resources(r))
             .map_err(|e| RuntimeError::internal(format!("resources json: {e}")))?;
         live.vm
-            .agent()
-            .update_container_resources(pb::UpdateResourcesRequest {
-                container_id: c.id.clone(),
-                oci_linux_resources_json: json,
-            })
+            .update_resources(&c.id, json)
             .await
             .map_err(|e| RuntimeError::agent("agent UpdateContainerResources", e))?;
         // Keep the stored config in step so ContainerStatus reports the new values.

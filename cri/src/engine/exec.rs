@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
-use vessel_proto::agent as pb;
-use vessel_sandbox::AgentClient;
+use vessel_sandbox::{OutputStream, PodVm};
 
 use super::{Engine, LivePod, RuntimeError};
 use crate::store::{new_id, ContainerRecord, ContainerState};
@@ -61,33 +60,29 @@ impl Engine {
         let c = self.store.container(&req.container_id)?;
         let exec_id = new_id()[..16].to_owned();
         // Checked and started under the pod lock; the output is read without it.
-        let (c, agent) = {
+        let (c, live) = {
             let _guard = self.lock_pod(&c.pod_id).await?;
             let (c, live) = self.running(&c.id)?;
             let mut process = exec_process(&c)?;
             process.set_args(Some(req.cmd.clone()));
             process.set_terminal(Some(false));
             process.set_console_size(None);
-            let agent = live.vm.agent().clone();
-            agent
-                .exec_process(pb::ExecProcessRequest {
-                    container_id: c.id.clone(),
-                    exec_id: exec_id.clone(),
-                    oci_process_json: serde_json::to_vec(&process)
-                        .map_err(|e| RuntimeError::internal(format!("process json: {e}")))?,
-                    stdin: false,
-                })
+            let process_json = serde_json::to_vec(&process)
+                .map_err(|e| RuntimeError::internal(format!("process json: {e}")))?;
+            live.vm
+                .exec(&c.id, &exec_id, process_json, false)
                 .await
                 .map_err(|e| RuntimeError::agent("agent ExecProcess", e))?;
-            (c, agent)
+            (c, live)
         };
         let run = async {
-            let out = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stdout);
-            let err = read_all(&agent, &c.id, &exec_id, pb::OutputStream::Stderr);
+            let out = read_all(&live.vm, &c.id, &exec_id, OutputStream::Stdout);
+            let err = read_all(&live.vm, &c.id, &exec_id, OutputStream::Stderr);
             // The first stream over its cap ends both reads (the other may never end).
             let (out, err) = tokio::try_join!(out, err)?;
-            let status = agent
-                .wait_process(&c.id, &exec_id)
+            let status = live
+                .vm
+                .wait(&c.id, &exec_id)
                 .await
                 .map_err(|e| RuntimeError::agent("agent WaitProcess", e))?;
             Ok::<_, RuntimeError>(cri::ExecSyncResponse {
@@ -97,7 +92,7 @@ impl Engine {
             })
         };
         let kill = || async {
-            if let Err(e) = agent.kill_exec(&c.id, &exec_id).await {
+            if let Err(e) = live.vm.kill_exec(&c.id, &exec_id).await {
                 tracing::debug!(container = %c.id, exec = %exec_id, error = %e, "cannot kill the exec");
             }
         };
@@ -123,19 +118,13 @@ impl Engine {
 }
 
 async fn read_all(
-    agent: &AgentClient,
+    vm: &PodVm,
     id: &str,
     exec_id: &str,
-    which: pb::OutputStream,
+    which: OutputStream,
 ) -> Result<Vec<u8>, RuntimeError> {
-    let req = pb::ReadOutputRequest {
-        container_id: id.into(),
-        exec_id: exec_id.into(),
-        stream: which as i32,
-        ..Default::default()
-    };
-    let mut s = agent
-        .read_output(req)
+    let mut s = vm
+        .output(id, exec_id, which)
         .await
         .map_err(|e| RuntimeError::agent("agent ReadOutput", e))?;
     let mut out = Vec::new();
@@ -150,8 +139,8 @@ async fn read_all(
                  returns; it was killed. Use a streaming exec (crictl exec -i) for large output",
                 MAX_EXEC_SYNC_OUTPUT >> 20,
                 match which {
-                    pb::OutputStream::Stdout => "stdout",
-                    pb::OutputStream::Stderr => "stderr",
+                    OutputStream::Stdout => "stdout",
+                    OutputStream::Stderr => "stderr",
                 }
             )));
         }

@@ -378,7 +378,6 @@ impl Engine {
         if let Some(plan) = net_plan {
             let phase = Instant::now();
             live.vm
-                .agent()
                 .configure_network(crate::podnet::configure_request(&plan, config))
                 .await
                 .map_err(|e| RuntimeError::agent("cannot configure the guest network", e))?;
@@ -430,17 +429,7 @@ impl Engine {
                 .filter(|c| c.state == ContainerState::Running)
                 .collect();
             for c in &running {
-                if let Err(e) = live
-                    .vm
-                    .agent()
-                    .signal_process(vessel_proto::agent::SignalProcessRequest {
-                        container_id: c.id.clone(),
-                        exec_id: String::new(),
-                        signal: libc::SIGKILL as u32,
-                        all: true,
-                    })
-                    .await
-                {
+                if let Err(e) = live.vm.signal_container(&c.id, libc::SIGKILL, true).await {
                     // The VM stops next, which ends it anyway.
                     tracing::debug!(pod = %pod.id, container = %c.id, error = %e, "SIGKILL failed");
                 }
