@@ -415,7 +415,9 @@ impl Engine {
     }
 
     pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
-        loop {
+        // A StartContainer can win the lock only once (CREATED → RUNNING): two
+        // rounds suffice; the bound guards against a record that stays RUNNING.
+        for _ in 0..3 {
             let c = match self.store.container(id) {
                 Ok(c) => c,
                 Err(StoreError::NotFound { .. }) => return Ok(()),
@@ -450,6 +452,9 @@ impl Engine {
             self.store.remove_container(&c.id)?;
             return Ok(());
         }
+        Err(RuntimeError::precondition(format!(
+            "container {id} is still running after being stopped; retry the removal"
+        )))
     }
 
     pub async fn update_resources(
