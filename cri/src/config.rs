@@ -106,14 +106,8 @@ pub struct RuntimeHandlerConfig {
     pub writable_layer_mib: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// KVM when /dev/kvm is usable, else TCG.
-    Auto,
-    Kvm,
-    Tcg,
-}
+/// The accelerator a handler asks for: the sandbox's own type (one definition).
+pub use vessel_sandbox::Accel;
 
 impl Default for Config {
     fn default() -> Self {

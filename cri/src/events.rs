@@ -17,7 +17,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::pods::now_ns;
+use crate::clock::now_ns;
 use crate::store::{Change, ContainerRecord, ContainerState, PodRecord, PodState};
 use crate::views;
 

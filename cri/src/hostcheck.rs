@@ -20,10 +20,10 @@ pub fn default_handler_problems(config: &Config) -> Vec<String> {
         .unwrap_or(&config.guest.initrd);
     let mut problems = host_problems(&HostNeeds::new(&Binaries::default(), kernel, initrd));
     let wants_disk = handler.is_some_and(|h| h.writable_layer_mib > 0);
-    if wants_disk && crate::pods::mkfs_ext4().is_none() {
+    if wants_disk && crate::scratch::mkfs_ext4().is_none() {
         problems.push(format!(
             "{} not found (install e2fsprogs, or set writable_layer_mib = 0)",
-            crate::pods::MKFS_EXT4
+            crate::scratch::MKFS_EXT4
         ));
     }
     problems

@@ -2,10 +2,11 @@
 
 mod calllog;
 mod check;
+mod clock;
 mod config;
-mod containers;
 mod crilog;
 mod durable;
+mod engine;
 mod events;
 mod hostcheck;
 mod hostdirs;
@@ -19,10 +20,11 @@ mod metrics;
 mod oci;
 mod outcursor;
 mod passwd;
+mod podfiles;
 mod podnet;
-mod pods;
 mod reload;
 mod runtime;
+mod scratch;
 mod sdnotify;
 mod server;
 mod stats;

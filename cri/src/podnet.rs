@@ -1,18 +1,18 @@
 //! Pod networking at the CRI level: when a CNI config exists, every pod gets a netns,
 //! a CNI attachment and a tap NIC (vessel-network), and its guest is configured from
 //! the resulting plan plus the CRI DNS settings. Without a config, pods run without
-//! a NIC and `Status` says why.
+//! a NIC and the error says why.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use k8s_cri::v1 as cri;
-use tonic::Status;
 use vessel_network::{GuestNetworkPlan, NetworkManager, PodNetwork, PodNetworkRequest};
 use vessel_proto::agent as pb;
 
 use crate::config::Config;
+use crate::engine::RuntimeError;
 
 /// The network manager for this daemon's config (netns pins under the run root, the
 /// ADD cache under the persistent root so DEL works after a restart).
@@ -64,7 +64,7 @@ pub fn network_condition(net: &NetworkManager) -> cri::RuntimeCondition {
 }
 
 /// Refuses pods that ask for the node's network namespace.
-pub fn check_host_network(config: &cri::PodSandboxConfig) -> Result<(), Status> {
+pub fn check_host_network(config: &cri::PodSandboxConfig) -> Result<(), RuntimeError> {
     let network = config
         .linux
         .as_ref()
@@ -72,7 +72,7 @@ pub fn check_host_network(config: &cri::PodSandboxConfig) -> Result<(), Status> 
         .and_then(|s| s.namespace_options.as_ref())
         .map(|n| n.network);
     if network == Some(cri::NamespaceMode::Node as i32) {
-        return Err(Status::invalid_argument(
+        return Err(RuntimeError::invalid(
             "hostNetwork pods are not supported: vessel runs each pod in its own VM with its \
              own network, and host networking is not supported yet",
         ));
@@ -113,21 +113,25 @@ pub async fn setup(
     net: &NetworkManager,
     id: &str,
     config: &cri::PodSandboxConfig,
-) -> Result<Option<PodNetwork>, Status> {
+) -> Result<Option<PodNetwork>, RuntimeError> {
     if !has_config(&net.config().cni_conf_dir) {
         return Ok(None);
     }
     net.setup(&request(id, config))
         .await
         .map(Some)
-        .map_err(|e| Status::internal(format!("pod network setup failed: {e}")))
+        .map_err(|e| {
+            RuntimeError::internal(format!(
+                "pod network setup failed (check the CNI config and plugins): {e}"
+            ))
+        })
 }
 
 /// Tap, CNI DEL and netns. Idempotent, also for pods that never had a network.
-pub async fn teardown(net: &NetworkManager, id: &str) -> Result<(), Status> {
+pub async fn teardown(net: &NetworkManager, id: &str) -> Result<(), RuntimeError> {
     net.teardown(id)
         .await
-        .map_err(|e| Status::internal(format!("pod network teardown failed: {e}")))
+        .map_err(|e| RuntimeError::internal(format!("pod network teardown failed: {e}")))
 }
 
 /// The pod's IPs, IPv4 first (the CRI primary IP is the first).
@@ -314,7 +318,7 @@ mod tests {
 
     #[test]
     fn cni_dns_is_the_fallback() {
-        let mut files = crate::pods::pod_files(&config(None));
+        let mut files = crate::podfiles::pod_files(&config(None));
         adjust_pod_files(&mut files, &plan(), &config(None));
         assert_eq!(
             files["resolv.conf"],
@@ -337,8 +341,8 @@ mod tests {
             ..Default::default()
         });
         let e = check_host_network(&cfg).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("host networking is not supported"));
+        assert!(matches!(e, RuntimeError::InvalidArgument(_)));
+        assert!(e.to_string().contains("host networking is not supported"));
         assert!(check_host_network(&config(None)).is_ok());
     }
 }

@@ -10,8 +10,10 @@ use tonic::{Request, Response, Status};
 
 use vessel_image::ImageStore;
 
+use crate::clock::now_ns;
 use crate::config::Config;
-use crate::pods::{now_ns, store_status, Engine};
+use crate::engine::Engine;
+use crate::status::store_status;
 use crate::views;
 
 pub const RUNTIME_NAME: &str = "vessel";
@@ -34,7 +36,7 @@ impl RuntimeSvc {
     pub fn new(config: Arc<Config>, images: ImageStore, engine: Arc<Engine>) -> Self {
         let events = crate::events::EventBus::default();
         let bus = events.clone();
-        engine.store.observe(Arc::new(move |change, pod, ctrs| {
+        engine.store().observe(Arc::new(move |change, pod, ctrs| {
             bus.publish_change(change, pod, ctrs)
         }));
         RuntimeSvc {
@@ -68,11 +70,12 @@ impl RuntimeSvc {
     where
         T: Send + 'static,
         F: FnOnce(Arc<Engine>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, crate::engine::RuntimeError>> + Send + 'static,
     {
         tokio::spawn(call(self.engine.clone()))
             .await
             .map_err(|e| Status::internal(format!("runtime task failed: {e}")))?
+            .map_err(Status::from)
     }
 }
 
@@ -101,7 +104,7 @@ impl RuntimeService for RuntimeSvc {
     async fn status(&self, req: Request<cri::StatusRequest>) -> R<cri::StatusResponse> {
         let conditions = vec![
             crate::hostcheck::runtime_condition(self.config.clone()).await,
-            crate::podnet::network_condition(&self.engine.net),
+            crate::podnet::network_condition(self.engine.net()),
         ];
         let mut info = HashMap::new();
         if req.get_ref().verbose {
@@ -209,7 +212,7 @@ impl RuntimeService for RuntimeSvc {
         let req = req.into_inner();
         let pod = self
             .engine
-            .store
+            .store()
             .pod(&req.pod_sandbox_id)
             .map_err(store_status)?;
         let mut info = HashMap::new();
@@ -218,7 +221,7 @@ impl RuntimeService for RuntimeSvc {
         }
         let containers_statuses = self
             .engine
-            .store
+            .store()
             .containers_of(&pod.id)
             .iter()
             .map(views::container_status)
@@ -238,7 +241,7 @@ impl RuntimeService for RuntimeSvc {
         let filter = req.into_inner().filter;
         let items = self
             .engine
-            .store
+            .store()
             .pods()
             .iter()
             .filter(|p| views::pod_matches(p, filter.as_ref()))
@@ -295,7 +298,7 @@ impl RuntimeService for RuntimeSvc {
         let filter = req.into_inner().filter;
         let containers = self
             .engine
-            .store
+            .store()
             .containers()
             .iter()
             .filter(|c| views::container_matches(c, filter.as_ref()))
@@ -311,7 +314,7 @@ impl RuntimeService for RuntimeSvc {
         let req = req.into_inner();
         let c = self
             .engine
-            .store
+            .store()
             .container(&req.container_id)
             .map_err(store_status)?;
         let mut info = HashMap::new();

@@ -10,9 +10,9 @@ use vessel_image::{ImageStore, ImageStoreConfig};
 
 use crate::calllog::CallLogLayer;
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::images::ImageSvc;
 use crate::instance::{bind_socket, InstanceLock};
-use crate::pods::Engine;
 use crate::reload::Reloader;
 use crate::runtime::RuntimeSvc;
 
@@ -72,7 +72,7 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         "vesseld serving CRI v1"
     );
 
-    let containers = engine.store.clone();
+    let containers = engine.store().clone();
     let image_users: crate::images::ImageUsers = Arc::new(move |image_id: &str| {
         containers
             .containers()
@@ -83,7 +83,7 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
 
     crate::metrics::get().set_image_store(store.clone());
     let metrics = crate::metrics::get().clone();
-    engine.store.observe(Arc::new(move |change, pod, ctrs| {
+    engine.store().observe(Arc::new(move |change, pod, ctrs| {
         metrics.observe_change(change, pod, ctrs)
     }));
     if !config.metrics.address.is_empty() {
@@ -103,7 +103,7 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
     crate::sdnotify::notify("READY=1");
 
     // Inside the call log, so the logged latency includes making the change durable.
-    let durable = crate::durable::DurableLayer::new(engine.store.clone());
+    let durable = crate::durable::DurableLayer::new(engine.store().clone());
     let result = tonic::transport::Server::builder()
         .layer(CallLogLayer)
         .layer(durable)
@@ -113,7 +113,7 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         .add_service(ImageServiceServer::new(ImageSvc::new(
             store,
             image_users,
-            crate::pods::scratch_disks(&config),
+            crate::scratch::scratch_disks(&config),
         )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;

@@ -3,11 +3,37 @@
 use tonic::{Code, Status};
 use vessel_image::{ErrorCode, ImageError};
 
-use crate::validate::InvalidInput;
+use crate::engine::RuntimeError;
+use crate::store::StoreError;
 
-/// A refused request field: the caller's mistake (or attack), InvalidArgument.
-pub fn invalid_input_status(e: &InvalidInput) -> Status {
-    Status::invalid_argument(e.to_string())
+/// The engine's errors at the gRPC edge: the one place they get a code.
+impl From<RuntimeError> for Status {
+    fn from(e: RuntimeError) -> Self {
+        let code = match &e {
+            RuntimeError::InvalidArgument(_) | RuntimeError::Input(_) => Code::InvalidArgument,
+            RuntimeError::NotFound(_) => Code::NotFound,
+            RuntimeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            RuntimeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            RuntimeError::ResourceExhausted(_) => Code::ResourceExhausted,
+            RuntimeError::Unavailable { .. } => Code::Unavailable,
+            RuntimeError::Guest { code, .. } => *code,
+            RuntimeError::Sandbox { .. } | RuntimeError::Internal(_) => Code::Internal,
+            RuntimeError::Store(s) => match s {
+                StoreError::NotFound { .. } => Code::NotFound,
+                StoreError::Ambiguous { .. } => Code::InvalidArgument,
+                StoreError::NameTaken { .. } => Code::AlreadyExists,
+                StoreError::BadTransition { .. } => Code::FailedPrecondition,
+                StoreError::Db(_) => Code::Internal,
+            },
+            RuntimeError::Image(i) => return image_status(i),
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Store errors at the gRPC edge (the readers that do not go through the engine).
+pub fn store_status(e: StoreError) -> Status {
+    RuntimeError::from(e).into()
 }
 
 /// Maps an image-store error to a status whose message says what to do about it.
@@ -78,11 +104,52 @@ mod tests {
             image_status(&ImageError::TooSlow("trickle".into())).code(),
             Code::DeadlineExceeded
         );
-        let s = invalid_input_status(&InvalidInput::LogPath {
+        let s = Status::from(RuntimeError::from(crate::validate::InvalidInput::LogPath {
             path: "../x".into(),
             reason: "contains \"..\"",
-        });
+        }));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("../x"));
+    }
+
+    #[test]
+    fn runtime_errors_map_once() {
+        let code = |e: RuntimeError| Status::from(e).code();
+        assert_eq!(code(RuntimeError::invalid("x")), Code::InvalidArgument);
+        assert_eq!(code(RuntimeError::NotFound("x".into())), Code::NotFound);
+        assert_eq!(
+            code(RuntimeError::precondition("x")),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(RuntimeError::DeadlineExceeded("x".into())),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            code(RuntimeError::sandbox(
+                "x",
+                vessel_sandbox::Error::NotRunning
+            )),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(RuntimeError::Store(StoreError::NameTaken {
+                kind: "pod",
+                name: "n".into(),
+                holder: "h".into()
+            })),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(RuntimeError::agent(
+                "agent ExecProcess",
+                vessel_sandbox::Error::Agent(Status::permission_denied("no"))
+            )),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code(RuntimeError::Image(ImageError::NotFound("x".into()))),
+            Code::NotFound
+        );
     }
 }

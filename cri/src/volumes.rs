@@ -6,11 +6,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use k8s_cri::v1 as cri;
-use tonic::Status;
 use vessel_storage::sharedir::{Propagation, VolumeOptions};
 use vessel_storage::StorageError;
 
-use crate::pods::LivePod;
+use crate::engine::{LivePod, RuntimeError};
 
 /// One volume to bind: its index in the container config, host source, options.
 pub struct Volume {
@@ -45,13 +44,17 @@ fn exporter(live: &LivePod) -> Option<std::io::Result<OwnedFd>> {
 
 /// Binds `volumes` for container `id`; returns each one's path in the exported
 /// tree, in order.
-pub async fn bind(live: &LivePod, id: &str, volumes: Vec<Volume>) -> Result<Vec<String>, Status> {
+pub async fn bind(
+    live: &LivePod,
+    id: &str,
+    volumes: Vec<Volume>,
+) -> Result<Vec<String>, RuntimeError> {
     if volumes.is_empty() {
         return Ok(Vec::new());
     }
     let exporter = exporter(live)
-        .ok_or_else(|| Status::failed_precondition("the pod VM has no virtiofsd for volumes"))?
-        .map_err(|e| Status::internal(format!("virtiofsd pidfd: {e}")))?;
+        .ok_or_else(|| RuntimeError::precondition("the pod VM has no virtiofsd for volumes"))?
+        .map_err(|e| RuntimeError::internal(format!("cannot reach the pod's virtiofsd: {e}")))?;
     let share = live.share.clone();
     let id = id.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -60,12 +63,14 @@ pub async fn bind(live: &LivePod, id: &str, volumes: Vec<Volume>) -> Result<Vec<
             .map(|v| {
                 share
                     .bind_volume(exporter.as_fd(), &id, v.index, &v.source, v.opts)
-                    .map_err(|e| Status::internal(format!("volume {}: {e}", v.source.display())))
+                    .map_err(|e| {
+                        RuntimeError::internal(format!("volume {}: {e}", v.source.display()))
+                    })
             })
             .collect()
     })
     .await
-    .map_err(|e| Status::internal(format!("volume bind task: {e}")))?
+    .map_err(|e| RuntimeError::task("volume bind", e))?
 }
 
 /// Unmounts and removes container `id`'s volumes.

@@ -141,15 +141,37 @@ struct StartGuard {
     armed: bool,
 }
 
-impl Drop for StartGuard {
-    fn drop(&mut self) {
+impl StartGuard {
+    /// The undo, if still armed (the guard is disarmed). It blocks for up to seconds
+    /// per process (kill, reap), so callers run it on the blocking pool.
+    fn take_undo(&mut self) -> Option<impl FnOnce() + Send + 'static> {
         if !self.armed {
+            return None;
+        }
+        self.armed = false;
+        let procs = std::mem::take(&mut self.procs);
+        let cgroup = self.cgroup.take();
+        let dir = self.dir.clone();
+        Some(move || {
+            for p in procs.iter().rev() {
+                p.kill_blocking();
+            }
+            remove_host_state(&dir, cgroup.as_ref());
+        })
+    }
+}
+
+impl Drop for StartGuard {
+    /// Reached only when the start's future is dropped mid-way (a failed start is
+    /// undone in `start_with`): the undo goes to the blocking pool, not a worker.
+    fn drop(&mut self) {
+        let Some(undo) = self.take_undo() else {
             return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(undo)),
+            Err(_) => undo(),
         }
-        for p in self.procs.iter().rev() {
-            p.kill_blocking();
-        }
-        remove_host_state(&self.dir, self.cgroup.as_ref());
     }
 }
 
@@ -260,7 +282,23 @@ impl PodVm {
     }
 
     /// Like `start`, with a chosen backend.
-    pub async fn start_with(mut cfg: VmConfig, hv: Arc<dyn Hypervisor>) -> Result<Self> {
+    pub async fn start_with(cfg: VmConfig, hv: Arc<dyn Hypervisor>) -> Result<Self> {
+        let mut guard = None;
+        let res = Self::start_guarded(cfg, hv, &mut guard).await;
+        if let Some(undo) = guard.as_mut().and_then(StartGuard::take_undo) {
+            // Awaited: the caller's own unwind (the tap, which QEMU holds) comes after.
+            if let Err(e) = tokio::task::spawn_blocking(undo).await {
+                tracing::warn!(error = %e, "undoing a failed VM start failed");
+            }
+        }
+        res
+    }
+
+    async fn start_guarded(
+        mut cfg: VmConfig,
+        hv: Arc<dyn Hypervisor>,
+        slot: &mut Option<StartGuard>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         check_config(&cfg)?;
         let dir = RunDir::new(&cfg.run_dir)?;
@@ -270,12 +308,12 @@ impl PodVm {
                 dir.root().display()
             )));
         }
-        let mut guard = StartGuard {
+        let guard = slot.insert(StartGuard {
             dir: dir.root().to_path_buf(),
             procs: Vec::new(),
             cgroup: None,
             armed: true,
-        };
+        });
         let root = dir.root().to_path_buf();
         blocking("run dir", move || prepare_run_dir(&root)).await?;
 

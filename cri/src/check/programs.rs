@@ -93,7 +93,7 @@ pub fn mkfs(config: &Config) -> Verdict {
         .filter(|(_, h)| h.writable_layer_mib > 0)
         .map(|(n, _)| n.as_str())
         .collect();
-    match (crate::pods::mkfs_ext4(), users.is_empty()) {
+    match (crate::scratch::mkfs_ext4(), users.is_empty()) {
         (Some(p), _) => Verdict::ok("mkfs.ext4", format!("{} (scratch disks)", p.display())),
         (None, true) => Verdict::ok(
             "mkfs.ext4",

@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::pods::{now_ns, Engine};
+use crate::clock::now_ns;
+use crate::engine::Engine;
 use cpu::CpuSample;
 use host::HostUsage;
 use vet::GuestSample;
@@ -109,7 +110,7 @@ impl Stats {
         let mut e = entry.lock().await;
         let known: HashSet<String> = self
             .engine
-            .store
+            .store()
             .containers_of(pod_id)
             .into_iter()
             .map(|c| c.id)
@@ -117,7 +118,7 @@ impl Stats {
         if let Some(cached) = e.cached(Instant::now(), &known) {
             return cached;
         }
-        let pod = self.engine.store.pod(pod_id).ok()?;
+        let pod = self.engine.store().pod(pod_id).ok()?;
         let (vcpus, memory_cap) = pod
             .vm
             .as_ref()

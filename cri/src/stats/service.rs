@@ -7,7 +7,7 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::{cadvisor, convert, Stats};
-use crate::pods::store_status;
+use crate::status::store_status;
 use crate::store::{ContainerRecord, PodRecord};
 use crate::views::labels_match;
 
@@ -18,7 +18,7 @@ impl Stats {
     ) -> Result<cri::ContainerStatsResponse, Status> {
         let c = self
             .engine
-            .store
+            .store()
             .container(&req.container_id)
             .map_err(store_status)?;
         let sample = self.pod_sample(&c.pod_id).await;
@@ -34,7 +34,7 @@ impl Stats {
         let f = req.filter.unwrap_or_default();
         let containers: Vec<ContainerRecord> = self
             .engine
-            .store
+            .store()
             .containers()
             .into_iter()
             .filter(|c| {
@@ -60,11 +60,11 @@ impl Stats {
     ) -> Result<cri::PodSandboxStatsResponse, Status> {
         let pod = self
             .engine
-            .store
+            .store()
             .pod(&req.pod_sandbox_id)
             .map_err(store_status)?;
         let sample = self.pod_sample(&pod.id).await;
-        let containers = self.engine.store.containers_of(&pod.id);
+        let containers = self.engine.store().containers_of(&pod.id);
         Ok(cri::PodSandboxStatsResponse {
             stats: Some(convert::pod_stats(&pod, &containers, sample.as_deref())),
         })
@@ -82,7 +82,7 @@ impl Stats {
     )> {
         let pods: Vec<PodRecord> = self
             .engine
-            .store
+            .store()
             .pods()
             .into_iter()
             .filter(|p| (id.is_empty() || p.id.starts_with(id)) && labels_match(&p.labels, labels))
@@ -92,7 +92,7 @@ impl Stats {
             .await;
         pods.into_iter()
             .map(|p| {
-                let containers = self.engine.store.containers_of(&p.id);
+                let containers = self.engine.store().containers_of(&p.id);
                 let sample = samples.remove(&p.id);
                 (p, containers, sample)
             })

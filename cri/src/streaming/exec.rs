@@ -19,7 +19,8 @@ use vessel_streamproto::k8s;
 
 use super::io::{until_gone, ExecIo, QUEUE};
 use super::Pending;
-use crate::pods::{store_status, Engine};
+use crate::engine::Engine;
+use crate::status::store_status;
 use crate::store::{ContainerRecord, ContainerState, PodState};
 
 fn agent_err(what: &str, e: vessel_sandbox::Error) -> String {
@@ -31,14 +32,14 @@ pub fn check_container(
     engine: &Engine,
     id: &str,
 ) -> Result<(ContainerRecord, AgentClient), Status> {
-    let c = engine.store.container(id).map_err(store_status)?;
+    let c = engine.store().container(id).map_err(store_status)?;
     if c.state != ContainerState::Running {
         return Err(Status::failed_precondition(format!(
             "container {} is not running ({:?})",
             c.id, c.state
         )));
     }
-    let pod = engine.store.pod(&c.pod_id).map_err(store_status)?;
+    let pod = engine.store().pod(&c.pod_id).map_err(store_status)?;
     match (pod.state, engine.live_pod(&pod.id)) {
         (PodState::Ready, Some(live)) => {
             let agent = live.vm.agent().clone();
@@ -70,17 +71,10 @@ async fn run_exec(engine: Arc<Engine>, req: cri::ExecRequest, io: ExecIo) {
         }
     };
     let exec_id = hex::encode(rand::random::<[u8; 8]>());
-    // The exec runs as the container's main process does (user, caps, env); a
-    // default Process would run it as root with default caps, so a missing or
-    // corrupt stored spec refuses the exec.
-    let mut process: oci_spec::runtime::Process = match serde_json::from_str(&c.process_json) {
+    let mut process = match crate::engine::exec_process(&c) {
         Ok(p) => p,
         Err(e) => {
-            tracing::error!(container = %c.id, error = %e, "stored process spec does not decode");
-            let _ = io.status.send(k8s::Status::failure(format!(
-                "container {} has no usable stored process spec ({e}); recreate the container",
-                c.id
-            )));
+            let _ = io.status.send(k8s::Status::failure(e.to_string()));
             return;
         }
     };

@@ -27,7 +27,7 @@ use tonic::Status;
 
 pub use config::StreamingConfig;
 
-use crate::pods::Engine;
+use crate::engine::Engine;
 use tokens::TokenCache;
 
 /// A request waiting for its client.

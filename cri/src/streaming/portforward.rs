@@ -9,11 +9,12 @@ use vessel_proto::agent as pb;
 use vessel_sandbox::agent::AgentClient;
 
 use super::io::{PortForwardConn, QUEUE};
-use crate::pods::{store_status, Engine};
+use crate::engine::Engine;
+use crate::status::store_status;
 use crate::store::PodState;
 
 pub fn check_pod(engine: &Engine, pod_id: &str) -> Result<AgentClient, Status> {
-    let pod = engine.store.pod(pod_id).map_err(store_status)?;
+    let pod = engine.store().pod(pod_id).map_err(store_status)?;
     match (pod.state, engine.live_pod(&pod.id)) {
         (PodState::Ready, Some(live)) => Ok(live.vm.agent().clone()),
         _ => Err(Status::failed_precondition(format!(

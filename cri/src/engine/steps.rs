@@ -1,0 +1,121 @@
+//! The host-side steps of a pod's start and their undo, behind one trait: the
+//! engine's seam. [`HostSteps`] does them for real (CNI, mounts, disks, QEMU);
+//! the unit tests put a fake in its place to drive the lifecycle, its locking and
+//! its unwind without root or a VM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use k8s_cri::v1 as cri;
+use vessel_network::{NetworkManager, PodNetwork};
+use vessel_sandbox::{PodVm, VmConfig};
+use vessel_storage::scratch::{ScratchDisk, ScratchDisks};
+use vessel_storage::sharedir::ShareDir;
+
+use super::RuntimeError;
+
+#[tonic::async_trait]
+pub trait PodSteps: Send + Sync + 'static {
+    /// netns + CNI ADD, or None when networking is off.
+    async fn setup_network(
+        &self,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<Option<PodNetwork>, RuntimeError>;
+    /// Tap, CNI DEL and netns; idempotent.
+    async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError>;
+    /// The pod's share dir at `path`, with its pod files written.
+    async fn create_share(
+        &self,
+        path: PathBuf,
+        files: BTreeMap<&'static str, String>,
+    ) -> Result<ShareDir, RuntimeError>;
+    /// Releases the share dir at `path`; idempotent.
+    async fn destroy_share(&self, path: PathBuf) -> Result<(), RuntimeError>;
+    async fn create_scratch(&self, id: &str, mib: u64) -> Result<ScratchDisk, RuntimeError>;
+    /// Deletes the pod's scratch disk; idempotent.
+    async fn remove_scratch(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Boots the VM and waits for its agent.
+    async fn start_vm(&self, config: VmConfig) -> Result<PodVm, RuntimeError>;
+}
+
+/// The real steps.
+pub struct HostSteps {
+    pub net: NetworkManager,
+    pub scratch: ScratchDisks,
+}
+
+#[tonic::async_trait]
+impl PodSteps for HostSteps {
+    async fn setup_network(
+        &self,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<Option<PodNetwork>, RuntimeError> {
+        crate::podnet::setup(&self.net, id, config).await
+    }
+
+    async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError> {
+        crate::podnet::teardown(&self.net, id).await
+    }
+
+    async fn create_share(
+        &self,
+        path: PathBuf,
+        files: BTreeMap<&'static str, String>,
+    ) -> Result<ShareDir, RuntimeError> {
+        // Mounts and file writes: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let share = ShareDir::create(&path)
+                .map_err(|e| RuntimeError::internal(format!("pod share dir: {e}")))?;
+            for (name, contents) in &files {
+                share
+                    .write_pod_file(name, contents.as_bytes())
+                    .map_err(|e| RuntimeError::internal(format!("pod file {name}: {e}")))?;
+            }
+            Ok(share)
+        })
+        .await
+        .map_err(|e| RuntimeError::task("share dir setup", e))?
+    }
+
+    async fn destroy_share(&self, path: PathBuf) -> Result<(), RuntimeError> {
+        super::destroy_share(ShareDir::existing(&path)).await
+    }
+
+    async fn create_scratch(&self, id: &str, mib: u64) -> Result<ScratchDisk, RuntimeError> {
+        let scratch = self.scratch.clone();
+        let pod = id.to_owned();
+        tokio::task::spawn_blocking(move || scratch.create(&pod, mib))
+            .await
+            .map_err(|e| RuntimeError::task("scratch disk creation", e))?
+            .map_err(|e| {
+                RuntimeError::internal(format!(
+                    "cannot create the pod's scratch disk (is mkfs.ext4 (e2fsprogs) \
+                     installed, is there space under {}?): {e}",
+                    self.scratch.dir().display()
+                ))
+            })
+    }
+
+    /// Unlinking a large sparse file walks its extents: off the async workers.
+    async fn remove_scratch(&self, id: &str) -> Result<(), RuntimeError> {
+        let scratch = self.scratch.clone();
+        let pod = id.to_owned();
+        tokio::task::spawn_blocking(move || scratch.remove(&pod))
+            .await
+            .map_err(|e| RuntimeError::task("scratch disk removal", e))?
+            .map_err(|e| {
+                RuntimeError::internal(format!(
+                    "cannot remove the pod's scratch disk (check {}): {e}",
+                    self.scratch.dir().display()
+                ))
+            })
+    }
+
+    async fn start_vm(&self, config: VmConfig) -> Result<PodVm, RuntimeError> {
+        PodVm::start(config)
+            .await
+            .map_err(|e| RuntimeError::sandbox("cannot start the pod VM", e))
+    }
+}
