@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use k8s_cri::v1 as cri;
-use vessel_sandbox::{OutputStream, PodVm};
+use vessel_sandbox::OutputStream;
 
-use super::{Engine, LivePod, RuntimeError};
+use super::{Engine, LivePod, RunningVm, RuntimeError};
 use crate::store::{new_id, ContainerRecord, ContainerState};
 
 /// Most output ExecSync keeps per stream (containerd's cap): the reply is held in
@@ -76,8 +77,8 @@ impl Engine {
             (c, live)
         };
         let run = async {
-            let out = read_all(&live.vm, &c.id, &exec_id, OutputStream::Stdout);
-            let err = read_all(&live.vm, &c.id, &exec_id, OutputStream::Stderr);
+            let out = read_all(&*live.vm, &c.id, &exec_id, OutputStream::Stdout);
+            let err = read_all(&*live.vm, &c.id, &exec_id, OutputStream::Stderr);
             // The first stream over its cap ends both reads (the other may never end).
             let (out, err) = tokio::try_join!(out, err)?;
             let status = live
@@ -118,7 +119,7 @@ impl Engine {
 }
 
 async fn read_all(
-    vm: &PodVm,
+    vm: &dyn RunningVm,
     id: &str,
     exec_id: &str,
     which: OutputStream,
@@ -129,8 +130,9 @@ async fn read_all(
         .map_err(|e| RuntimeError::agent("agent ReadOutput", e))?;
     let mut out = Vec::new();
     while let Some(chunk) = s
-        .message()
+        .next()
         .await
+        .transpose()
         .map_err(|e| RuntimeError::agent("agent ReadOutput", e.into()))?
     {
         if out.len() + chunk.data.len() > MAX_EXEC_SYNC_OUTPUT {

@@ -37,16 +37,20 @@ impl Engine {
                 }
             }
         };
-        let agent = live.vm.agent().clone();
+        let vm = live.vm.clone();
         let pod_id = live.vm.id();
-        let pumps = spawn_pumps(&agent, &self.pod_dir(pod_id), id, log.clone());
+        // The pumps resume from stored offsets, which only the real agent speaks.
+        let pumps = match vm.pod_vm() {
+            Some(real) => spawn_pumps(real.agent(), &self.pod_dir(pod_id), id, log.clone()),
+            None => Vec::new(),
+        };
         let (tx, rx) = watch::channel(false);
         self.add_ctr(guard, pod_id, id, Arc::new(LiveCtr { log, exited: rx }));
         let store = self.store.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
             let status = loop {
-                match agent.wait_process(&id, "").await {
+                match vm.wait(&id, "").await {
                     Ok(s) => break Some(s),
                     Err(e) => {
                         // A transport hiccup: retry while the container is still ours

@@ -19,6 +19,10 @@
 //! lock is the exit watcher ([`exits`]): it only records Running → Exited, which
 //! the store applies atomically, and lock holders wait for it. The entry map's
 //! std mutex is held only to look up or swap, never across an await.
+//!
+//! # Seam
+//! The host steps of a pod start go through [`steps::PodSteps`] and the running
+//! VM through [`RunningVm`]; the unit tests put fakes in their place.
 
 mod container;
 mod error;
@@ -28,6 +32,7 @@ mod pod;
 mod steps;
 #[cfg(test)]
 mod tests;
+mod vm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,7 +40,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use vessel_image::ImageStore;
-use vessel_sandbox::PodVm;
 use vessel_storage::scratch::ScratchDisks;
 use vessel_storage::sharedir::ShareDir;
 
@@ -46,10 +50,11 @@ use crate::store::StateStore;
 pub use error::RuntimeError;
 pub use exec::exec_process;
 use steps::{HostSteps, PodSteps};
+pub use vm::RunningVm;
 
 /// A running pod VM and what lives with it.
 pub struct LivePod {
-    pub vm: PodVm,
+    pub vm: Arc<dyn RunningVm>,
     pub share: ShareDir,
 }
 

@@ -68,7 +68,10 @@ impl Engine {
         match PodVm::reconnect(self.vm_dir(&pod.id)).await {
             Ok(vm) => {
                 tracing::info!(pod = %pod.id, "reconnected to the pod VM");
-                let live = Arc::new(LivePod { vm, share });
+                let live = Arc::new(LivePod {
+                    vm: Arc::new(vm),
+                    share,
+                });
                 self.set_live(guard, &pod.id, Some(live.clone()));
                 self.watch_vm(&pod.id, &live);
                 for c in self.store.containers_of(&pod.id) {
@@ -363,10 +366,9 @@ impl Engine {
             timings.scratch_disk_ms = millis(phase.elapsed());
         }
         let net_plan = pod_net.map(|n| {
-            vmc.netns = Some(n.netns.path().to_path_buf());
-            let plan = n.plan.clone();
-            vmc.net = Some(crate::podnet::vm_nic(n));
-            plan
+            vmc.netns = Some(n.netns);
+            vmc.net = Some(n.nic);
+            n.plan
         });
         let vm = self.steps.start_vm(vmc).await?;
         if let Some(boot) = vm.boot_timing() {

@@ -5,14 +5,25 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_cri::v1 as cri;
-use vessel_network::{NetworkManager, PodNetwork};
-use vessel_sandbox::{PodVm, VmConfig};
+use vessel_network::{GuestNetworkPlan, NetworkManager};
+use vessel_sandbox::{NetConfig, PodVm, VmConfig};
 use vessel_storage::scratch::{ScratchDisk, ScratchDisks};
 use vessel_storage::sharedir::ShareDir;
 
-use super::RuntimeError;
+use super::{RunningVm, RuntimeError};
+
+/// A set-up pod network, as the rest of the pod start uses it.
+pub struct PodNet {
+    /// The pod's network namespace, where QEMU runs.
+    pub netns: PathBuf,
+    /// What the guest configures to stand in for the pod's veth.
+    pub plan: GuestNetworkPlan,
+    /// The VM's NIC (its open tap).
+    pub nic: NetConfig,
+}
 
 #[tonic::async_trait]
 pub trait PodSteps: Send + Sync + 'static {
@@ -21,7 +32,7 @@ pub trait PodSteps: Send + Sync + 'static {
         &self,
         id: &str,
         config: &cri::PodSandboxConfig,
-    ) -> Result<Option<PodNetwork>, RuntimeError>;
+    ) -> Result<Option<PodNet>, RuntimeError>;
     /// Tap, CNI DEL and netns; idempotent.
     async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError>;
     /// The pod's share dir at `path`, with its pod files written.
@@ -36,7 +47,7 @@ pub trait PodSteps: Send + Sync + 'static {
     /// Deletes the pod's scratch disk; idempotent.
     async fn remove_scratch(&self, id: &str) -> Result<(), RuntimeError>;
     /// Boots the VM and waits for its agent.
-    async fn start_vm(&self, config: VmConfig) -> Result<PodVm, RuntimeError>;
+    async fn start_vm(&self, config: VmConfig) -> Result<Arc<dyn RunningVm>, RuntimeError>;
 }
 
 /// The real steps.
@@ -51,8 +62,14 @@ impl PodSteps for HostSteps {
         &self,
         id: &str,
         config: &cri::PodSandboxConfig,
-    ) -> Result<Option<PodNetwork>, RuntimeError> {
-        crate::podnet::setup(&self.net, id, config).await
+    ) -> Result<Option<PodNet>, RuntimeError> {
+        Ok(crate::podnet::setup(&self.net, id, config)
+            .await?
+            .map(|n| PodNet {
+                netns: n.netns.path().to_path_buf(),
+                plan: n.plan.clone(),
+                nic: crate::podnet::vm_nic(n),
+            }))
     }
 
     async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError> {
@@ -113,9 +130,10 @@ impl PodSteps for HostSteps {
             })
     }
 
-    async fn start_vm(&self, config: VmConfig) -> Result<PodVm, RuntimeError> {
-        PodVm::start(config)
-            .await
-            .map_err(|e| RuntimeError::sandbox("cannot start the pod VM", e))
+    async fn start_vm(&self, config: VmConfig) -> Result<Arc<dyn RunningVm>, RuntimeError> {
+        match PodVm::start(config).await {
+            Ok(vm) => Ok(Arc::new(vm)),
+            Err(e) => Err(RuntimeError::sandbox("cannot start the pod VM", e)),
+        }
     }
 }

@@ -106,6 +106,8 @@ impl Stats {
     /// [`MAX_AGE`]. None for a pod without a running VM.
     pub async fn pod_sample(&self, pod_id: &str) -> Option<Arc<PodSample>> {
         let live = self.engine.live_pod(pod_id)?;
+        // Stats come from the real agent and host processes only.
+        let vm = live.vm.pod_vm()?;
         let entry = self.entry(pod_id);
         let mut e = entry.lock().await;
         let known: HashSet<String> = self
@@ -127,14 +129,13 @@ impl Stats {
             .unwrap_or((1, UNKNOWN_VM_MEMORY));
 
         let started = Instant::now();
-        let reply = live.vm.agent().pod_stats(AGENT_LIMIT).await;
+        let reply = vm.agent().pod_stats(AGENT_LIMIT).await;
         crate::metrics::get().agent_call("PodStats", started.elapsed(), reply.is_ok());
-        let cgroup = live
-            .vm
+        let cgroup = vm
             .cgroup()
             .filter(|c| c.unified)
             .and_then(|c| c.dirs.first().cloned());
-        let pids = live.vm.pids();
+        let pids = vm.pids();
         let host = tokio::task::spawn_blocking(move || host::usage(cgroup.as_deref(), &pids))
             .await
             .unwrap_or_default();

@@ -41,10 +41,10 @@ pub fn check_container(
     }
     let pod = engine.store().pod(&c.pod_id).map_err(store_status)?;
     match (pod.state, engine.live_pod(&pod.id)) {
-        (PodState::Ready, Some(live)) => {
-            let agent = live.vm.agent().clone();
-            Ok((c, agent))
-        }
+        (PodState::Ready, Some(live)) => match live.vm.pod_vm() {
+            Some(vm) => Ok((c, vm.agent().clone())),
+            None => Err(Status::unimplemented("streaming needs a real pod VM")),
+        },
         _ => Err(Status::failed_precondition(format!(
             "pod sandbox {} of container {} is not ready",
             pod.id, c.id

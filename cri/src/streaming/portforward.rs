@@ -16,7 +16,10 @@ use crate::store::PodState;
 pub fn check_pod(engine: &Engine, pod_id: &str) -> Result<AgentClient, Status> {
     let pod = engine.store().pod(pod_id).map_err(store_status)?;
     match (pod.state, engine.live_pod(&pod.id)) {
-        (PodState::Ready, Some(live)) => Ok(live.vm.agent().clone()),
+        (PodState::Ready, Some(live)) => match live.vm.pod_vm() {
+            Some(vm) => Ok(vm.agent().clone()),
+            None => Err(Status::unimplemented("streaming needs a real pod VM")),
+        },
         _ => Err(Status::failed_precondition(format!(
             "pod sandbox {} is not ready (stopped, or its VM is gone)",
             pod.id
