@@ -901,8 +901,8 @@ async fn create_during_a_stop_pod_fails_and_leaves_no_record() {
     assert_gone(&f);
 }
 
-#[tokio::test]
-async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
+/// A READY pod with one created container "c", and the number of fake calls so far.
+async fn pod_with_a_container() -> (Fixture, String, String, usize) {
     let f = fixture(FakeSteps::booting()).await;
     let pod = ready_pod(&f).await;
     let id = f
@@ -911,6 +911,12 @@ async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
         .await
         .unwrap();
     let created = f.steps.calls().len();
+    (f, pod, id, created)
+}
+
+#[tokio::test]
+async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
+    let (f, pod, id, created) = pod_with_a_container().await;
     let gate = f.steps.vm.gate("start");
     let start = tokio::spawn({
         let (e, id) = (f.engine.clone(), id.clone());
@@ -944,14 +950,7 @@ async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
 
 #[tokio::test]
 async fn start_during_a_remove_finds_no_container() {
-    let f = fixture(FakeSteps::booting()).await;
-    let pod = ready_pod(&f).await;
-    let id = f
-        .engine
-        .create_container(create_request(&pod, "c"))
-        .await
-        .unwrap();
-    let created = f.steps.calls().len();
+    let (f, pod, id, created) = pod_with_a_container().await;
     let gate = f.steps.vm.gate("remove");
     let remove = tokio::spawn({
         let (e, id) = (f.engine.clone(), id.clone());
