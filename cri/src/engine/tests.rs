@@ -914,19 +914,25 @@ async fn pod_with_a_container() -> (Fixture, String, String, usize) {
     (f, pod, id, created)
 }
 
+/// StartContainer of `id` in its own task, as a second client would call it.
+fn spawn_start(f: &Fixture, id: &str) -> tokio::task::JoinHandle<Result<(), RuntimeError>> {
+    let (e, id) = (f.engine.clone(), id.to_owned());
+    tokio::spawn(async move { e.start_container(&id).await })
+}
+
+/// RemoveContainer of `id` in its own task.
+fn spawn_remove(f: &Fixture, id: &str) -> tokio::task::JoinHandle<Result<(), RuntimeError>> {
+    let (e, id) = (f.engine.clone(), id.to_owned());
+    tokio::spawn(async move { e.remove_container(&id).await })
+}
+
 #[tokio::test]
 async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
     let (f, pod, id, created) = pod_with_a_container().await;
     let gate = f.steps.vm.gate("start");
-    let start = tokio::spawn({
-        let (e, id) = (f.engine.clone(), id.clone());
-        async move { e.start_container(&id).await }
-    });
+    let start = spawn_start(&f, &id);
     gate.entered.notified().await;
-    let remove = tokio::spawn({
-        let (e, id) = (f.engine.clone(), id.clone());
-        async move { e.remove_container(&id).await }
-    });
+    let remove = spawn_remove(&f, &id);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!remove.is_finished(), "the remove ran under a start");
     gate.release.notify_one();
@@ -952,15 +958,9 @@ async fn remove_during_a_start_stops_the_started_container_then_removes_it() {
 async fn start_during_a_remove_finds_no_container() {
     let (f, pod, id, created) = pod_with_a_container().await;
     let gate = f.steps.vm.gate("remove");
-    let remove = tokio::spawn({
-        let (e, id) = (f.engine.clone(), id.clone());
-        async move { e.remove_container(&id).await }
-    });
+    let remove = spawn_remove(&f, &id);
     gate.entered.notified().await;
-    let start = tokio::spawn({
-        let (e, id) = (f.engine.clone(), id.clone());
-        async move { e.start_container(&id).await }
-    });
+    let start = spawn_start(&f, &id);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!start.is_finished(), "the start ran under a remove");
     gate.release.notify_one();
