@@ -104,6 +104,22 @@ pub struct RuntimeHandlerConfig {
     /// bound on what its containers write to their rootfs. 0: no disk, writable
     /// layers live in guest memory.
     pub writable_layer_mib: u64,
+    /// Pre-booted VMs kept warm for this handler's pods (see
+    /// [`RuntimeHandlerConfig::pool_size`]); unset: 1 for the default handler, 0 for
+    /// the others. 0 turns the pool off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+}
+
+/// Most warm VMs one handler may keep: each costs its VM's memory.
+pub const MAX_POOL_SIZE: u32 = 64;
+
+impl RuntimeHandlerConfig {
+    /// How many warm VMs the handler `name` keeps.
+    pub fn pool_size(&self, name: &str) -> u32 {
+        self.pool_size
+            .unwrap_or(if name == DEFAULT_HANDLER { 1 } else { 0 })
+    }
 }
 
 /// The accelerator a handler asks for: the sandbox's own type (one definition).
@@ -172,6 +188,7 @@ impl Default for RuntimeHandlerConfig {
             initrd: None,
             extra_kernel_args: Vec::new(),
             writable_layer_mib: 10 * 1024,
+            pool_size: None,
         }
     }
 }
@@ -487,6 +504,15 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
             return Err((
                 key("memory_mib"),
                 format!("must be at least 64 (MiB), got {}", h.memory_mib),
+            ));
+        }
+        if h.pool_size.is_some_and(|n| n > MAX_POOL_SIZE) {
+            return Err((
+                key("pool_size"),
+                format!(
+                    "must be 0..={MAX_POOL_SIZE} (warm VMs, each costs its memory), got {}",
+                    h.pool_size.unwrap_or(0)
+                ),
             ));
         }
         let min_disk = vessel_storage::scratch::MIN_SIZE_MIB;

@@ -49,6 +49,11 @@ struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandlerLabels {
+    handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     rpc: &'static str,
     result: &'static str,
@@ -67,6 +72,7 @@ pub struct Metrics {
     vm_cpu: Family<PodLabels, Gauge<f64, AtomicU64>>,
     vm_memory: Family<PodLabels, Gauge>,
     agent_calls: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    pool_warm: Family<HandlerLabels, Gauge>,
     /// Set once the image store exists: its cumulative download counters.
     image_bytes: OnceLock<vessel_image::ImageStore>,
 }
@@ -84,6 +90,7 @@ pub fn get() -> &'static Arc<Metrics> {
             vm_cpu: Family::default(),
             vm_memory: Family::default(),
             agent_calls: Family::new_with_constructor(seconds_histogram),
+            pool_warm: Family::default(),
             image_bytes: OnceLock::new(),
         })
     })
@@ -111,6 +118,15 @@ impl Metrics {
         self.image_pulls
             .get_or_create(&ResultLabels { result })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Warm (pre-booted, unclaimed) VMs in `handler`'s pool.
+    pub fn pool_warm(&self, handler: &str, n: usize) {
+        self.pool_warm
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_image_store(&self, store: vessel_image::ImageStore) {
@@ -207,6 +223,11 @@ impl Metrics {
             "agent_call_duration_seconds",
             "Round trips to pod agents by RPC and result",
             self.agent_calls.clone(),
+        );
+        r.register(
+            "pool_warm_vms",
+            "Pre-booted pod VMs waiting in a runtime handler's warm pool",
+            self.pool_warm.clone(),
         );
         r.register_collector(Box::new(ImageBytes(self.clone())));
         r

@@ -127,6 +127,49 @@ pub async fn setup(
         })
 }
 
+/// A pool VM's netns and tap, or None when networking is off.
+pub async fn prepare(
+    net: &NetworkManager,
+    id: &str,
+) -> Result<Option<vessel_network::PreparedNetwork>, RuntimeError> {
+    if !has_config(&net.config().cni_conf_dir) {
+        return Ok(None);
+    }
+    net.prepare(id).await.map(Some).map_err(|e| {
+        RuntimeError::internal(format!(
+            "cannot prepare a pod network namespace (check {}): {e}",
+            net.config().netns_dir.display()
+        ))
+    })
+}
+
+/// CNI ADD for a pod claiming a pool VM, into the netns made at [`prepare`].
+pub async fn attach(
+    net: &NetworkManager,
+    id: &str,
+    config: &cri::PodSandboxConfig,
+) -> Result<GuestNetworkPlan, RuntimeError> {
+    net.attach(&request(id, config), &net.netns(id))
+        .await
+        .map(|a| a.plan)
+        .map_err(|e| {
+            RuntimeError::internal(format!(
+                "pod network setup failed (check the CNI config and plugins): {e}"
+            ))
+        })
+}
+
+/// A locally administered unicast MAC for a pool VM's NIC (its pod's veth does not
+/// exist yet): random, so two pool VMs on one bridge never share one.
+pub fn random_mac() -> String {
+    let mut b: [u8; 6] = rand::random();
+    b[0] = (b[0] & 0xfe) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Tap, CNI DEL and netns. Idempotent, also for pods that never had a network.
 pub async fn teardown(net: &NetworkManager, id: &str) -> Result<(), RuntimeError> {
     net.teardown(id)

@@ -108,7 +108,8 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         .layer(CallLogLayer)
         .layer(durable)
         .add_service(RuntimeServiceServer::new(
-            RuntimeSvc::new(config.clone(), store.clone(), engine).with_streaming(streaming),
+            RuntimeSvc::new(config.clone(), store.clone(), engine.clone())
+                .with_streaming(streaming),
         ))
         .add_service(ImageServiceServer::new(ImageSvc::new(
             store,
@@ -117,6 +118,10 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
         )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
+
+    // Pods outlive vesseld; its warm pool does not (the next start would only
+    // destroy it).
+    engine.stop_pools().await;
 
     // Our own socket: remove it so the next start does not have to probe it.
     if let Err(e) = std::fs::remove_file(&config.listen) {

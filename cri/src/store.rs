@@ -96,6 +96,9 @@ pub struct StartupTimings {
     pub guest_network_ms: u64,
     /// The whole RPC.
     pub total_ms: u64,
+    /// Served by a pre-booted VM of the handler's warm pool (no boot in this RPC).
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 /// What vesseld remembers of a container.

@@ -99,6 +99,7 @@ pub fn pod_info(p: &PodRecord) -> serde_json::Value {
             "vmToAgent": v.startup.vm_to_agent_ms,
             "guestNetwork": v.startup.guest_network_ms,
             "total": v.startup.total_ms,
+            "pooled": v.startup.pooled,
         })),
     })
 }

@@ -30,7 +30,9 @@ pub use error::{Error, Result};
 pub use ip::{IpPrefix, ParseIpPrefixError};
 pub use netns::NetNs;
 pub use plan::{GuestDns, GuestInterface, GuestNetworkPlan, GuestRoute};
-pub use tap::{read_link, remove_tap, setup_tap, LinkInfo, LinkRoute, TapDevice};
+pub use tap::{
+    connect_tap, create_tap, read_link, remove_tap, setup_tap, LinkInfo, LinkRoute, TapDevice,
+};
 
 /// The interface CNI creates in the pod namespace.
 pub const POD_IFNAME: &str = "eth0";
@@ -92,6 +94,23 @@ pub struct PodNetwork {
     pub plan: GuestNetworkPlan,
 }
 
+/// A pod namespace with its tap, before any CNI ADD ([`NetworkManager::prepare`]).
+#[derive(Debug)]
+pub struct PreparedNetwork {
+    pub netns: NetNs,
+    /// The open tap; dropping it deletes the tap, so pass the fd on first.
+    pub tap: TapDevice,
+}
+
+/// What [`NetworkManager::attach`] added to a prepared namespace.
+#[derive(Debug)]
+pub struct AttachedNetwork {
+    /// The CNI veth inside the pod namespace, as the plugins left it.
+    pub veth: LinkInfo,
+    pub result: CniResult,
+    pub plan: GuestNetworkPlan,
+}
+
 /// Sets up and tears down pod networks.
 #[derive(Debug, Clone)]
 pub struct NetworkManager {
@@ -127,39 +146,69 @@ impl NetworkManager {
         )
     }
 
-    /// netns → CNI ADD → tap + tc redirect → guest plan. On failure every step taken
+    /// netns + tap → CNI ADD → tc redirect → guest plan. On failure every step taken
     /// is undone before the error is returned.
     ///
     /// CNI plugins run as children of the calling thread: host-side interfaces and
     /// iptables rules land in the caller's network namespace.
     pub async fn setup(&self, req: &PodNetworkRequest) -> Result<PodNetwork> {
+        let prepared = self.prepare(&req.pod_id).await?;
+        match self.attach(req, &prepared.netns).await {
+            Ok(a) => Ok(PodNetwork {
+                netns: prepared.netns,
+                tap: prepared.tap,
+                veth: a.veth,
+                result: a.result,
+                plan: a.plan,
+            }),
+            Err(e) => {
+                let ns = prepared.netns.clone();
+                drop(prepared.tap);
+                let _ = blocking(move || ns.remove()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The pod's namespace and its tap, not yet joined to any network: a VM can boot
+    /// on the tap before the pod (and its CNI ADD) is known. Undone on failure.
+    pub async fn prepare(&self, pod_id: &str) -> Result<PreparedNetwork> {
+        netns::check_name(pod_id)?;
+        let dir = self.config.netns_dir.clone();
+        let id = pod_id.to_owned();
+        let ns = blocking(move || NetNs::create(&dir, &id)).await?;
+        let ns2 = ns.clone();
+        match blocking(move || create_tap(&ns2, TAP_NAME)).await {
+            Ok(tap) => Ok(PreparedNetwork { netns: ns, tap }),
+            Err(e) => {
+                let ns2 = ns.clone();
+                let _ = blocking(move || ns2.remove()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// CNI ADD into a prepared namespace, then the tap joined to the new veth. On
+    /// failure the ADD is undone (DEL); the namespace and tap stay, the caller's.
+    pub async fn attach(&self, req: &PodNetworkRequest, ns: &NetNs) -> Result<AttachedNetwork> {
         netns::check_name(&req.pod_id)?;
         let net = self.network_config()?;
-        let dir = self.config.netns_dir.clone();
-        let id = req.pod_id.clone();
-        let ns = blocking(move || NetNs::create(&dir, &id)).await?;
         let att = self.attachment(req);
         let result = match self.cni.add(&net, &att, ns.path()).await {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.undo(&ns, &att, Some(&net), false).await;
+                let _ = self.cni.del(Some(&net), &att, Some(ns.path())).await;
                 return Err(e);
             }
         };
         let ns2 = ns.clone();
-        match blocking(move || setup_tap(&ns2, POD_IFNAME, TAP_NAME)).await {
-            Ok((tap, veth)) => {
+        match blocking(move || connect_tap(&ns2, POD_IFNAME, TAP_NAME)).await {
+            Ok(veth) => {
                 let plan = GuestNetworkPlan::new(&result, &veth, POD_IFNAME);
-                Ok(PodNetwork {
-                    netns: ns,
-                    tap,
-                    veth,
-                    result,
-                    plan,
-                })
+                Ok(AttachedNetwork { veth, result, plan })
             }
             Err(e) => {
-                let _ = self.undo(&ns, &att, Some(&net), true).await;
+                let _ = self.cni.del(Some(&net), &att, Some(ns.path())).await;
                 Err(e)
             }
         }

@@ -76,6 +76,15 @@ pub struct LinkInfo {
 /// `mirred egress redirect` in both directions. Returns the open tap and the veth's
 /// state. Blocks (a thread in the namespace does the work).
 pub fn setup_tap(netns: &NetNs, veth: &str, tap: &str) -> Result<(TapDevice, LinkInfo)> {
+    let tap = create_tap(netns, tap)?;
+    let veth = connect_tap(netns, veth, &tap.name)?;
+    Ok((tap, veth))
+}
+
+/// Inside `netns`: creates `tap` (`IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`), down and not
+/// yet joined to anything, so a VM can boot on it before the pod's CNI veth exists
+/// (the warm pool). [`connect_tap`] joins it later. Blocks.
+pub fn create_tap(netns: &NetNs, tap: &str) -> Result<TapDevice> {
     netns.run(|| {
         let fd = open_tap(tap)?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -84,9 +93,29 @@ pub fn setup_tap(netns: &NetNs, veth: &str, tap: &str) -> Result<(TapDevice, Lin
             .map_err(io("start runtime in", netns.path()))?;
         rt.block_on(async {
             let handle = connect()?;
+            let link = get_link(&handle, tap).await?;
+            Ok(TapDevice {
+                name: tap.to_string(),
+                ifindex: link.header.index,
+                fd,
+            })
+        })
+    })?
+}
+
+/// Inside `netns`: gives the existing `tap` the MTU of `veth`, brings it up and adds
+/// the ingress qdiscs and redirect filters both ways. Returns the veth's state.
+/// Blocks.
+pub fn connect_tap(netns: &NetNs, veth: &str, tap: &str) -> Result<LinkInfo> {
+    netns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(io("start runtime in", netns.path()))?;
+        rt.block_on(async {
+            let handle = connect()?;
             let veth = link_info(&handle, veth).await?;
-            let tap_link = get_link(&handle, tap).await?;
-            let tap_index = tap_link.header.index;
+            let tap_index = get_link(&handle, tap).await?.header.index;
             handle
                 .link()
                 .set(
@@ -120,14 +149,7 @@ pub fn setup_tap(netns: &NetNs, veth: &str, tap: &str) -> Result<(TapDevice, Lin
                     .await
                     .map_err(nl("add redirect filter"))?;
             }
-            Ok((
-                TapDevice {
-                    name: tap.to_string(),
-                    ifindex: tap_index,
-                    fd,
-                },
-                veth,
-            ))
+            Ok(veth)
         })
     })?
 }

@@ -51,6 +51,9 @@ pub struct VmConfig {
     /// The pod's cgroup parent (CRI `cgroup_parent`: a cgroupfs path or a systemd
     /// slice); `None` → `/vessel`. The VM's processes go into `vessel-<id>` below it.
     pub cgroup_parent: Option<String>,
+    /// CPU weight of the pod cgroup from the start (see
+    /// [`crate::cgroup::PodCgroup::set_cpu_weight`]); `None` keeps the kernel's default.
+    pub cpu_weight: Option<u64>,
 }
 
 impl VmConfig {
@@ -80,6 +83,7 @@ impl VmConfig {
             timeouts: Timeouts::default(),
             jail: Some(JailConfig::default()),
             cgroup_parent: None,
+            cpu_weight: None,
         }
     }
 }

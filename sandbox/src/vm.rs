@@ -357,8 +357,12 @@ impl PodVm {
         state.save(&dir.state())?;
         guard.cgroup = Some(cgroup.clone());
         let cg = cgroup.clone();
+        let cpu_weight = cfg.cpu_weight;
         let cgroup_procs = blocking("pod cgroup", move || {
             cg.create()?;
+            if let Some(w) = cpu_weight {
+                cg.set_cpu_weight(w)?;
+            }
             cg.open_procs()
         })
         .await?;

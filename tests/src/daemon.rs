@@ -120,6 +120,14 @@ impl TestDaemon {
                 ),
             )?;
         }
+        // The warm pool boots VMs of its own: off unless the test turns it on, so
+        // leak checks and timings see only the test's pods.
+        if !extra_toml.contains("pool_size") {
+            std::fs::write(
+                dropins.join("00-test-pool.toml"),
+                "[runtimes.default]\npool_size = 0\n",
+            )?;
+        }
         Ok(TestDaemon {
             log: p.join("vesseld.log"),
             dir,

@@ -29,6 +29,7 @@ mod error;
 mod exec;
 mod exits;
 mod pod;
+mod pool;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -89,6 +90,8 @@ pub struct Engine {
     scratch: ScratchDisks,
     /// The host steps of a pod's start and their undo (the seam for fakes).
     steps: Arc<dyn PodSteps>,
+    /// Per handler, pre-booted VMs for new pods.
+    pools: pool::Pools,
 }
 
 impl Engine {
@@ -216,7 +219,10 @@ impl Engine {
             net: net.clone(),
             scratch: scratch.clone(),
         });
-        Ok(Self::with_steps(config, images, store, net, scratch, steps).await)
+        let engine = Self::with_steps(config, images, store, net, scratch, steps).await;
+        engine.clean_old_pool().await;
+        engine.start_pools();
+        Ok(engine)
     }
 
     /// An engine whose pod steps are `steps`; recovers the stored pods.
@@ -229,6 +235,7 @@ impl Engine {
         steps: Arc<dyn PodSteps>,
     ) -> Arc<Self> {
         let engine = Arc::new(Engine {
+            pools: pool::Pools::new(config.runtimes.iter()),
             scratch,
             config,
             images,

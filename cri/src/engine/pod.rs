@@ -9,6 +9,7 @@ use prost::Message as _;
 use vessel_sandbox::{PodVm, VmConfig, VmExit};
 use vessel_storage::sharedir::ShareDir;
 
+use super::pool::Warm;
 use super::{destroy_share, log_failed, remove_tree, Engine, LivePod, PodGuard, RuntimeError};
 use crate::clock::{millis, now_ns};
 use crate::config::RuntimeHandlerConfig;
@@ -99,7 +100,7 @@ impl Engine {
     /// Gives back the IP and the netns of a pod found dead at start-up at once, not at
     /// its StopPodSandbox, which may come much later or never. Stop runs it again;
     /// teardown is idempotent.
-    async fn release_network(&self, pod_id: &str) {
+    pub(super) async fn release_network(&self, pod_id: &str) {
         log_failed(
             pod_id,
             "release the pod network",
@@ -109,7 +110,7 @@ impl Engine {
 
     /// [`Self::remove_scratch`] where a failure is only logged (RemovePodSandbox
     /// tries again).
-    async fn release_scratch(&self, pod_id: &str) {
+    pub(super) async fn release_scratch(&self, pod_id: &str) {
         log_failed(
             pod_id,
             "remove the scratch disk",
@@ -214,7 +215,25 @@ impl Engine {
         crate::userns::for_pod(&config)?;
         let (handler_name, handler) = self.handler(&req.runtime_handler)?;
         let started = Instant::now();
-        let id = new_id();
+        let size = crate::vmsize::vm_size(
+            handler.vcpus,
+            handler.memory_mib,
+            &config,
+            crate::vmsize::host_cpus(),
+        );
+        // A pool VM runs in vesseld's own cgroup parent, and its size and NIC were
+        // fixed at boot: a pod that wants other ones boots its own VM.
+        let cgroup_parent = config
+            .linux
+            .as_ref()
+            .is_some_and(|l| !l.cgroup_parent.is_empty());
+        let warm = if cgroup_parent {
+            None
+        } else {
+            let network = crate::podnet::has_config(&self.net.config().cni_conf_dir);
+            self.claim_warm(&handler_name, size, network)
+        };
+        let id = warm.as_ref().map_or_else(new_id, |w| w.id.clone());
         let record = PodRecord {
             id: id.clone(),
             name: meta.name.clone(),
@@ -236,18 +255,22 @@ impl Engine {
         let guard = self.add_entry(&id);
         if let Err(e) = self.store.add_pod(record) {
             self.remove_entry(guard, &id);
+            if let Some(w) = warm {
+                self.discard_warm(&w.id, Some(w.vm)).await;
+            }
             return Err(e.into());
         }
-        let size = crate::vmsize::vm_size(
-            handler.vcpus,
-            handler.memory_mib,
-            &config,
-            crate::vmsize::host_cpus(),
-        );
-        match self
-            .start_pod_vm(&guard, &id, &config, &handler, size)
-            .await
-        {
+        let started_vm = match warm {
+            Some(w) => {
+                self.adopt_warm(&w).await;
+                self.start_pooled(&guard, &id, &config, w).await
+            }
+            None => {
+                self.start_pod_vm(&guard, &id, &config, &handler, size)
+                    .await
+            }
+        };
+        match started_vm {
             Ok((live, mut startup)) => {
                 startup.total_ms = millis(started.elapsed());
                 tracing::debug!(pod = %id, ?startup, "pod sandbox started");
@@ -314,13 +337,7 @@ impl Engine {
         size: crate::vmsize::VmSize,
     ) -> Result<(Arc<LivePod>, StartupTimings), RuntimeError> {
         let mut timings = StartupTimings::default();
-        if !config.log_directory.is_empty() {
-            let dir = config.log_directory.clone();
-            super::blocking("cannot create the pod's log directory", move || {
-                std::fs::create_dir_all(dir)
-            })
-            .await?;
-        }
+        create_log_dir(config).await?;
         let phase = Instant::now();
         let pod_net = self.steps.setup_network(id, config).await?;
         timings.network_ms = millis(phase.elapsed());
@@ -332,20 +349,7 @@ impl Engine {
         let share = self.steps.create_share(self.share_path(id), files).await?;
         timings.share_ms = millis(phase.elapsed());
 
-        let kernel = handler
-            .kernel
-            .clone()
-            .unwrap_or_else(|| self.config.guest.kernel.clone());
-        let initrd = handler
-            .initrd
-            .clone()
-            .unwrap_or_else(|| self.config.guest.initrd.clone());
-        let mut vmc = VmConfig::new(id, self.vm_dir(id), share.export_path(), kernel, initrd);
-        vmc.vcpus = size.vcpus;
-        vmc.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
-        vmc.accel = handler.accel;
-        vmc.accel_cache_dir = self.config.run_root.clone();
-        vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        let mut vmc = self.vm_config(id, handler, size, &share);
         // The kubelet's pod cgroup: the VM's host processes are accounted to the pod.
         vmc.cgroup_parent = config
             .linux
@@ -378,16 +382,101 @@ impl Engine {
         let live = Arc::new(LivePod { vm, share });
         self.set_live(guard, id, Some(live.clone()));
         if let Some(plan) = net_plan {
-            let phase = Instant::now();
-            live.vm
-                .configure_network(crate::podnet::configure_request(&plan, config))
-                .await
-                .map_err(|e| RuntimeError::agent("cannot configure the guest network", e))?;
-            let ips = crate::podnet::pod_ips(&plan);
-            self.store.update_pod(id, |p| p.ips = ips)?;
-            timings.guest_network_ms = millis(phase.elapsed());
+            self.configure_guest_network(&live, id, &plan, config, &mut timings)
+                .await?;
         }
         Ok((live, timings))
+    }
+
+    /// A pod's start on a pool VM: CNI ADD into the VM's netns, the pod files into
+    /// its share, the guest network. The caller unwinds a failure as for a cold start.
+    async fn start_pooled(
+        &self,
+        guard: &PodGuard,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+        warm: Warm,
+    ) -> Result<(Arc<LivePod>, StartupTimings), RuntimeError> {
+        let mut timings = StartupTimings {
+            pooled: true,
+            ..Default::default()
+        };
+        let live = Arc::new(LivePod {
+            vm: warm.vm,
+            share: warm.share.clone(),
+        });
+        // From here a failure's unwind stops the VM.
+        self.set_live(guard, id, Some(live.clone()));
+        create_log_dir(config).await?;
+        let mut files = crate::podfiles::pod_files(config);
+        let mut net_plan = None;
+        if let Some(mac) = warm.mac {
+            let phase = Instant::now();
+            let mut plan = self.steps.attach_network(id, config).await?;
+            // The NIC's MAC was fixed at boot, before the veth existed, and the agent
+            // finds the NIC by the plan's MAC. The tc redirect moves frames between
+            // veth and tap whatever their MAC, so the guest keeps its own.
+            for i in &mut plan.interfaces {
+                i.mac.clone_from(&mac);
+            }
+            crate::podnet::adjust_pod_files(&mut files, &plan, config);
+            timings.network_ms = millis(phase.elapsed());
+            net_plan = Some(plan);
+        }
+        let phase = Instant::now();
+        self.steps.write_pod_files(warm.share, files).await?;
+        timings.share_ms = millis(phase.elapsed());
+        if let Some(plan) = net_plan {
+            self.configure_guest_network(&live, id, &plan, config, &mut timings)
+                .await?;
+        }
+        Ok((live, timings))
+    }
+
+    /// The guest's interfaces, routes, DNS and hostname from the plan; the pod's IPs
+    /// into its record.
+    async fn configure_guest_network(
+        &self,
+        live: &LivePod,
+        id: &str,
+        plan: &vessel_network::GuestNetworkPlan,
+        config: &cri::PodSandboxConfig,
+        timings: &mut StartupTimings,
+    ) -> Result<(), RuntimeError> {
+        let phase = Instant::now();
+        live.vm
+            .configure_network(crate::podnet::configure_request(plan, config))
+            .await
+            .map_err(|e| RuntimeError::agent("cannot configure the guest network", e))?;
+        let ips = crate::podnet::pod_ips(plan);
+        self.store.update_pod(id, |p| p.ips = ips)?;
+        timings.guest_network_ms = millis(phase.elapsed());
+        Ok(())
+    }
+
+    /// The VM config of a pod (or pool) VM of `handler` and `size`, sharing `share`.
+    pub(super) fn vm_config(
+        &self,
+        id: &str,
+        handler: &RuntimeHandlerConfig,
+        size: crate::vmsize::VmSize,
+        share: &ShareDir,
+    ) -> VmConfig {
+        let kernel = handler
+            .kernel
+            .clone()
+            .unwrap_or_else(|| self.config.guest.kernel.clone());
+        let initrd = handler
+            .initrd
+            .clone()
+            .unwrap_or_else(|| self.config.guest.initrd.clone());
+        let mut vmc = VmConfig::new(id, self.vm_dir(id), share.export_path(), kernel, initrd);
+        vmc.vcpus = size.vcpus;
+        vmc.memory_mib = u32::try_from(size.memory_mib).unwrap_or(u32::MAX);
+        vmc.accel = handler.accel;
+        vmc.accel_cache_dir = self.config.run_root.clone();
+        vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        vmc
     }
 
     /// The pod's lock and its record, re-read under the lock; None when the pod
@@ -495,4 +584,16 @@ impl Engine {
             ))
         })
     }
+}
+
+/// The directory the kubelet wants the pod's container logs in.
+async fn create_log_dir(config: &cri::PodSandboxConfig) -> Result<(), RuntimeError> {
+    if config.log_directory.is_empty() {
+        return Ok(());
+    }
+    let dir = config.log_directory.clone();
+    super::blocking("cannot create the pod's log directory", move || {
+        std::fs::create_dir_all(dir)
+    })
+    .await
 }

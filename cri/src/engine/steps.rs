@@ -25,6 +25,13 @@ pub struct PodNet {
     pub nic: NetConfig,
 }
 
+/// A pool VM's network before its pod is known: the netns QEMU runs in and the
+/// NIC on the netns's unjoined tap.
+pub struct PreparedNet {
+    pub netns: PathBuf,
+    pub nic: NetConfig,
+}
+
 #[tonic::async_trait]
 pub trait PodSteps: Send + Sync + 'static {
     /// netns + CNI ADD, or None when networking is off.
@@ -33,6 +40,14 @@ pub trait PodSteps: Send + Sync + 'static {
         id: &str,
         config: &cri::PodSandboxConfig,
     ) -> Result<Option<PodNet>, RuntimeError>;
+    /// A pool VM's netns and tap (no CNI), or None when networking is off.
+    async fn prepare_network(&self, id: &str) -> Result<Option<PreparedNet>, RuntimeError>;
+    /// CNI ADD into the netns of [`Self::prepare_network`], joined to its tap.
+    async fn attach_network(
+        &self,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<GuestNetworkPlan, RuntimeError>;
     /// Tap, CNI DEL and netns; idempotent.
     async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError>;
     /// The pod's share dir at `path`, with its pod files written.
@@ -41,6 +56,12 @@ pub trait PodSteps: Send + Sync + 'static {
         path: PathBuf,
         files: BTreeMap<&'static str, String>,
     ) -> Result<ShareDir, RuntimeError>;
+    /// Writes the pod files into a share dir made earlier (a pool VM's).
+    async fn write_pod_files(
+        &self,
+        share: ShareDir,
+        files: BTreeMap<&'static str, String>,
+    ) -> Result<(), RuntimeError>;
     /// Releases the share dir at `path`; idempotent.
     async fn destroy_share(&self, path: PathBuf) -> Result<(), RuntimeError>;
     async fn create_scratch(&self, id: &str, mib: u64) -> Result<ScratchDisk, RuntimeError>;
@@ -72,6 +93,26 @@ impl PodSteps for HostSteps {
             }))
     }
 
+    async fn prepare_network(&self, id: &str) -> Result<Option<PreparedNet>, RuntimeError> {
+        Ok(crate::podnet::prepare(&self.net, id)
+            .await?
+            .map(|p| PreparedNet {
+                netns: p.netns.path().to_path_buf(),
+                nic: NetConfig {
+                    tap: Arc::new(p.tap.into_fd()),
+                    mac: crate::podnet::random_mac(),
+                },
+            }))
+    }
+
+    async fn attach_network(
+        &self,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<GuestNetworkPlan, RuntimeError> {
+        crate::podnet::attach(&self.net, id, config).await
+    }
+
     async fn teardown_network(&self, id: &str) -> Result<(), RuntimeError> {
         crate::podnet::teardown(&self.net, id).await
     }
@@ -94,6 +135,23 @@ impl PodSteps for HostSteps {
         })
         .await
         .map_err(|e| RuntimeError::task("share dir setup", e))?
+    }
+
+    async fn write_pod_files(
+        &self,
+        share: ShareDir,
+        files: BTreeMap<&'static str, String>,
+    ) -> Result<(), RuntimeError> {
+        tokio::task::spawn_blocking(move || {
+            for (name, contents) in &files {
+                share
+                    .write_pod_file(name, contents.as_bytes())
+                    .map_err(|e| RuntimeError::internal(format!("pod file {name}: {e}")))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| RuntimeError::task("pod files", e))?
     }
 
     async fn destroy_share(&self, path: PathBuf) -> Result<(), RuntimeError> {

@@ -17,7 +17,7 @@ use vessel_sandbox::{
 use vessel_storage::scratch::ScratchDisk;
 use vessel_storage::sharedir::ShareDir;
 
-use super::steps::{PodNet, PodSteps};
+use super::steps::{PodNet, PodSteps, PreparedNet};
 use super::vm::{Output, RunningVm};
 use super::{Engine, RuntimeError};
 use crate::config::Config;
@@ -34,6 +34,9 @@ const VM_STOP: &str = "vm stop";
 const UNDO_NETWORK: &str = "undo network";
 const UNDO_SHARE: &str = "undo share";
 const UNDO_SCRATCH: &str = "undo scratch";
+/// A pool VM's claim: CNI ADD into its netns, the pod files into its share.
+const ATTACH_NETWORK: &str = "attach network";
+const POD_FILES: &str = "pod files";
 
 /// How the fake VM start fails.
 #[derive(Clone, Copy, PartialEq)]
@@ -354,8 +357,47 @@ impl PodSteps for FakeSteps {
         }))
     }
 
+    async fn prepare_network(&self, _id: &str) -> Result<Option<PreparedNet>, RuntimeError> {
+        self.step(NETWORK)?;
+        if !self.network {
+            return Ok(None);
+        }
+        Ok(Some(PreparedNet {
+            netns: PathBuf::from("/nonexistent/netns"),
+            nic: NetConfig {
+                tap: Arc::new(tempfile::tempfile().unwrap().into()),
+                mac: "02:00:00:00:00:02".into(),
+            },
+        }))
+    }
+
+    async fn attach_network(
+        &self,
+        _id: &str,
+        _config: &cri::PodSandboxConfig,
+    ) -> Result<vessel_network::GuestNetworkPlan, RuntimeError> {
+        self.step(ATTACH_NETWORK)?;
+        Ok(vessel_network::GuestNetworkPlan {
+            interfaces: vec![vessel_network::GuestInterface {
+                name: "eth0".into(),
+                mac: "0a:58:0a:58:00:02".into(),
+                mtu: 1500,
+                addresses: vec!["10.88.0.2/16".parse().unwrap()],
+            }],
+            ..Default::default()
+        })
+    }
+
     async fn teardown_network(&self, _id: &str) -> Result<(), RuntimeError> {
         self.step(UNDO_NETWORK)
+    }
+
+    async fn write_pod_files(
+        &self,
+        _share: ShareDir,
+        _files: BTreeMap<&'static str, String>,
+    ) -> Result<(), RuntimeError> {
+        self.step(POD_FILES)
     }
 
     async fn create_share(
