@@ -151,16 +151,33 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
     set_lo_up(handle, &all).await?;
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
+        let current = if iface.current_mac.is_empty() {
+            &iface.mac
+        } else {
+            &iface.current_mac
+        };
+        let now = parse_mac(current)?;
         let (index, name, _) = all
             .iter()
-            .find(|(_, _, m)| *m == mac)
-            .ok_or_else(|| NetError::NoSuchMac(iface.mac.clone()))?;
+            .find(|(_, _, m)| *m == now)
+            .ok_or_else(|| NetError::NoSuchMac(current.clone()))?;
         // Renaming needs the link down.
         handle
             .link()
             .set(LinkUnspec::new_with_index(*index).down().build())
             .execute()
             .await?;
+        if now != mac {
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(*index)
+                        .address(mac.clone())
+                        .build(),
+                )
+                .execute()
+                .await?;
+        }
         if !iface.name.is_empty() && iface.name != *name {
             handle
                 .link()

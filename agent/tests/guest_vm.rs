@@ -266,6 +266,7 @@ async fn guest_boots_and_runs_containers() {
                 address: "10.0.2.15".into(),
                 prefix_len: 24,
             }],
+            ..Default::default()
         }],
         routes: vec![Route {
             destination: "".into(),

@@ -237,6 +237,7 @@ pub fn configure_request(
                         prefix_len: u32::from(a.prefix_len),
                     })
                     .collect(),
+                current_mac: String::new(),
             })
             .collect(),
         routes: plan

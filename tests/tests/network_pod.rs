@@ -33,6 +33,14 @@ const SINK: &str = concat!(
 /// A registry + vesseld in `host` with busybox pulled (pulled before moving into the
 /// namespace: the registry listens on the machine's loopback).
 async fn setup(host: &TestHost) -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
+    setup_with(host, "").await
+}
+
+/// [`setup`] with `handler_toml` added to `[runtimes.default]`.
+async fn setup_with(
+    host: &TestHost,
+    handler_toml: &str,
+) -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
     let guest = guest_dir();
     let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
     if !kernel.is_file() || !initrd.is_file() {
@@ -41,8 +49,8 @@ async fn setup(host: &TestHost) -> Option<(TestRegistry, TestDaemon, CriClient, 
     }
     let reg = TestRegistry::start().unwrap();
     let extra = format!(
-        "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = 256\n\n\
-         [runtimes.broken]\nkernel = \"/nonexistent/vmlinux\"\n",
+        "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = 256\n\
+         {handler_toml}\n[runtimes.broken]\nkernel = \"/nonexistent/vmlinux\"\n",
         kernel.display().to_string(),
         initrd.display().to_string()
     );
@@ -337,5 +345,114 @@ async fn pods_get_ips_talk_to_each_other_and_leave_nothing_behind() {
         .filter(|c| !c.starts_with("CNI-HOSTPORT-"))
         .collect();
     assert!(chains.is_empty(), "per-pod CNI chains left: {chains:?}");
+    assert_no_leaks(&d);
+}
+
+/// Waits until the running vesseld (the last start in the log) has a warm pool VM.
+async fn wait_pool_ready(d: &TestDaemon) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = d.log();
+        let current = log.rsplit("vesseld serving CRI v1").next().unwrap_or("");
+        if current.contains("pool VM ready") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no pool VM booted:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_pod_gets_its_ip_dns_and_hostname() {
+    let host = TestHost::new("vpool").expect("test host netns");
+    let Some((_reg, mut d, mut c, image)) = setup_with(&host, "pool_size = 1\n").await else {
+        return;
+    };
+    let _cleanup = Cleanup(d.dir().to_owned());
+    wait_pool_ready(&d).await;
+
+    let mut cfg = pod_config("warm", &d.dir().join("logs/warm"));
+    cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["ns1.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let pod = run_pod(&mut c, &cfg, "").await.expect("RunPodSandbox");
+    let info = pod_info(&mut c, &pod).await;
+    assert_eq!(info["startupMs"]["pooled"], true, "{info}");
+    eprintln!("pooled RunPodSandbox with CNI: {}", info["startupMs"]);
+    let ip = pod_status(&mut c, &pod)
+        .await
+        .status
+        .unwrap()
+        .network
+        .unwrap()
+        .ip;
+    assert!(ip.starts_with("10.88."), "pod IP {ip:?}");
+
+    let ctr = create(
+        &mut c,
+        &pod,
+        &cfg,
+        container_config(
+            "httpd",
+            &image,
+            &[
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "echo hello-from-pool > /tmp/index.html; exec /bin/busybox httpd -f -p 8080 -h /tmp",
+            ],
+        ),
+    )
+    .await
+    .expect("CreateContainer");
+    start(&mut c, &ctr).await;
+    let (ok, out) = host.exec(&["busybox", "ping", "-c1", "-W5", &ip]);
+    // The NIC booted before the pod's veth existed, yet traffic flows both ways.
+    assert!(ok, "ping {ip}: {out}");
+    let mut fetched = String::new();
+    for _ in 0..50 {
+        fetched = host.http_get(&ip, 8080);
+        if fetched.contains("hello-from-pool") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        fetched.contains("hello-from-pool"),
+        "TCP to the pod: {fetched}"
+    );
+
+    // The pod's files, written at claim.
+    let resolv = exec_ok(&mut c, &ctr, &["/bin/busybox", "cat", "/etc/resolv.conf"]).await;
+    assert!(resolv.contains("nameserver 10.96.0.10"), "{resolv}");
+    assert!(resolv.contains("search ns1.svc.cluster.local"), "{resolv}");
+    let hn = exec_ok(&mut c, &ctr, &["/bin/busybox", "hostname"]).await;
+    assert_eq!(hn.trim(), "warm-host");
+    let hosts = exec_ok(&mut c, &ctr, &["/bin/busybox", "cat", "/etc/hosts"]).await;
+    assert!(hosts.contains(&format!("{ip}\twarm-host")), "{hosts}");
+
+    remove_pod(&mut c, &pod).await;
+    drop(c);
+    assert!(d.stop(), "vesseld did not stop cleanly:\n{}", d.log());
+    assert!(
+        files_under(&d.run_root().join("netns")).is_empty(),
+        "netns left"
+    );
+    assert!(
+        files_under(&d.root().join("cni")).is_empty(),
+        "CNI cache left"
+    );
+    let links = host.links();
+    assert!(
+        links.iter().all(|l| l == "lo" || l == "vessel0"),
+        "links left in the test host: {links:?}"
+    );
+    let ipam: Vec<_> = files_under(&ipam_dir(&d))
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("10."))
+        .collect();
+    assert!(ipam.is_empty(), "IP reservations left: {ipam:?}");
     assert_no_leaks(&d);
 }

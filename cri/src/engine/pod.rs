@@ -382,7 +382,7 @@ impl Engine {
         let live = Arc::new(LivePod { vm, share });
         self.set_live(guard, id, Some(live.clone()));
         if let Some(plan) = net_plan {
-            self.configure_guest_network(&live, id, &plan, config, &mut timings)
+            self.configure_guest_network(&live, id, &plan, None, config, &mut timings)
                 .await?;
         }
         Ok((live, timings))
@@ -412,40 +412,45 @@ impl Engine {
         let mut net_plan = None;
         if let Some(mac) = warm.mac {
             let phase = Instant::now();
-            let mut plan = self.steps.attach_network(id, config).await?;
-            // The NIC's MAC was fixed at boot, before the veth existed, and the agent
-            // finds the NIC by the plan's MAC. The tc redirect moves frames between
-            // veth and tap whatever their MAC, so the guest keeps its own.
-            for i in &mut plan.interfaces {
-                i.mac.clone_from(&mac);
-            }
+            let plan = self.steps.attach_network(id, config).await?;
             crate::podnet::adjust_pod_files(&mut files, &plan, config);
             timings.network_ms = millis(phase.elapsed());
-            net_plan = Some(plan);
+            net_plan = Some((plan, mac));
         }
         let phase = Instant::now();
         self.steps.write_pod_files(warm.share, files).await?;
         timings.share_ms = millis(phase.elapsed());
-        if let Some(plan) = net_plan {
-            self.configure_guest_network(&live, id, &plan, config, &mut timings)
+        if let Some((plan, mac)) = net_plan {
+            // The NIC's MAC was fixed at boot, before the veth existed: the agent
+            // finds it by that MAC and gives it the veth's, which the CNI plugins
+            // may enforce (the bridge's macspoofchk).
+            self.configure_guest_network(&live, id, &plan, Some(&mac), config, &mut timings)
                 .await?;
         }
         Ok((live, timings))
     }
 
-    /// The guest's interfaces, routes, DNS and hostname from the plan; the pod's IPs
+    /// The guest's interfaces, routes, DNS and hostname from the plan
+    /// (`current_mac`: the NIC's MAC when it is not yet the plan's); the pod's IPs
     /// into its record.
     async fn configure_guest_network(
         &self,
         live: &LivePod,
         id: &str,
         plan: &vessel_network::GuestNetworkPlan,
+        current_mac: Option<&str>,
         config: &cri::PodSandboxConfig,
         timings: &mut StartupTimings,
     ) -> Result<(), RuntimeError> {
         let phase = Instant::now();
+        let mut req = crate::podnet::configure_request(plan, config);
+        if let Some(mac) = current_mac {
+            for i in &mut req.interfaces {
+                mac.clone_into(&mut i.current_mac);
+            }
+        }
         live.vm
-            .configure_network(crate::podnet::configure_request(plan, config))
+            .configure_network(req)
             .await
             .map_err(|e| RuntimeError::agent("cannot configure the guest network", e))?;
         let ips = crate::podnet::pod_ips(plan);

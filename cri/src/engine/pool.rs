@@ -38,8 +38,6 @@ const CLAIMED_CPU_WEIGHT: u64 = 100;
 /// Wait after a failed fill, doubled up to [`FILL_BACKOFF_MAX`].
 const FILL_BACKOFF: Duration = Duration::from_secs(2);
 const FILL_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// How long shutdown waits for a fill in progress (a boot) before it gives up.
-const SHUTDOWN_FILL_WAIT: Duration = Duration::from_secs(90);
 
 /// A booted, unclaimed pod VM.
 pub(super) struct Warm {
@@ -138,16 +136,29 @@ impl Engine {
 
     /// A warm VM of `handler` that fits a pod of `size` (`network`: whether the pod
     /// gets a CNI network), out of the pool for good; None when there is none.
-    pub(super) fn claim_warm(&self, handler: &str, size: VmSize, network: bool) -> Option<Warm> {
+    pub(super) fn claim_warm(
+        self: &Arc<Self>,
+        handler: &str,
+        size: VmSize,
+        network: bool,
+    ) -> Option<Warm> {
         let pool = self.pools.handlers.get(handler)?;
         if pool.size != size || self.pools.stopping.load(Ordering::SeqCst) {
             return None;
         }
         let mut q = pool.queue();
-        let i = q.iter().position(|w| w.mac.is_some() == network)?;
-        let w = q.remove(i);
+        // VMs booted while networking was the other way (a CNI config came or
+        // went) never fit again: they make room for ones that do.
+        let (fit, stale): (Vec<Warm>, Vec<Warm>) =
+            q.drain(..).partition(|w| w.mac.is_some() == network);
+        *q = fit.into();
+        let w = q.pop_front();
         pool.publish(q.len());
         drop(q);
+        for old in stale {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.discard_warm(&old.id, Some(old.vm)).await });
+        }
         pool.wake.notify_one();
         w
     }
@@ -297,19 +308,17 @@ impl Engine {
         }
     }
 
-    /// Shutdown: stops the refill tasks (a boot in progress finishes and is
-    /// discarded) and destroys every warm VM, so nothing outlives vesseld.
+    /// Shutdown: stops the refill tasks (a boot in progress is cut short: a TCG
+    /// boot on a loaded node outlasts a supervisor's stop timeout) and destroys
+    /// every warm VM and what the cut boot left (by its marker), so nothing
+    /// outlives vesseld.
     pub async fn stop_pools(&self) {
         self.pools.stopping.store(true, Ordering::SeqCst);
-        for pool in self.pools.handlers.values() {
-            pool.wake.notify_one();
-        }
         let tasks =
             std::mem::take(&mut *self.pools.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
-            if tokio::time::timeout(SHUTDOWN_FILL_WAIT, t).await.is_err() {
-                tracing::warn!("a pool VM boot did not end in time; the next start removes it");
-            }
+            t.abort();
+            let _ = t.await;
         }
         for pool in self.pools.handlers.values() {
             let drained: Vec<Warm> = pool.queue().drain(..).collect();
@@ -318,6 +327,7 @@ impl Engine {
                 self.discard_warm(&w.id, Some(w.vm)).await;
             }
         }
+        self.clean_old_pool().await;
     }
 
     /// A pool VM that dies unclaimed leaves the pool, its remains go, and the

@@ -1016,3 +1016,102 @@ async fn start_during_a_remove_finds_no_container() {
     f.engine.remove_pod(&pod).await.unwrap();
     assert_gone(&f);
 }
+
+/// Waits until the default handler's pool holds `n` warm VMs.
+async fn wait_warm(f: &Fixture, n: usize) {
+    for _ in 0..500 {
+        if f.engine.pools.warm(crate::config::DEFAULT_HANDLER) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the pool never held {n} warm VMs");
+}
+
+/// The pool entries' ids (their markers).
+fn pool_markers(f: &Fixture) -> Vec<String> {
+    std::fs::read_dir(f.config.run_root.join("pool"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn pods_take_warm_vms_once_each_and_the_pool_refills() {
+    // Whether this host has a CNI config decides whether pods want a NIC.
+    let network = crate::podnet::has_config(&Config::default().network.cni_conf_dir);
+    let f = fixture(FakeSteps {
+        network,
+        ..FakeSteps::booting()
+    })
+    .await;
+    f.engine.start_pools();
+    wait_warm(&f, 1).await;
+    let warm = pool_markers(&f);
+    assert_eq!(warm.len(), 1);
+
+    // The pod takes the warm VM's id; its record says it was pooled.
+    let id = f.engine.run_pod(run_request("web")).await.unwrap();
+    assert_eq!(id, warm[0]);
+    let pod = f.engine.store().pod(&id).unwrap();
+    assert!(pod.vm.unwrap().startup.pooled);
+    assert!(f.steps.calls().contains(&POD_FILES.to_owned()));
+    assert_eq!(
+        network,
+        f.steps.calls().contains(&ATTACH_NETWORK.to_owned())
+    );
+
+    // Refilled under a new id.
+    wait_warm(&f, 1).await;
+    let next = pool_markers(&f);
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0], id);
+
+    // A pod bigger than the pool's VMs boots its own; the warm one stays.
+    let mut big = run_request("big");
+    if let Some(c) = big.config.as_mut() {
+        c.linux = Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let big_id = f.engine.run_pod(big).await.unwrap();
+    assert!(
+        !f.engine
+            .store()
+            .pod(&big_id)
+            .unwrap()
+            .vm
+            .unwrap()
+            .startup
+            .pooled
+    );
+    assert_eq!(pool_markers(&f), next);
+
+    // Concurrent starts: each gets its own VM, pooled or not.
+    let starts: Vec<_> = (0..4)
+        .map(|i| {
+            let engine = f.engine.clone();
+            tokio::spawn(async move { engine.run_pod(run_request(&format!("p{i}"))).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for s in starts {
+        assert!(
+            ids.insert(s.await.unwrap().unwrap()),
+            "an id handed out twice"
+        );
+    }
+    assert_eq!(f.engine.store().pods().len(), 6);
+
+    // Shutdown destroys the pool, markers included.
+    f.engine.stop_pools().await;
+    assert_eq!(f.engine.pools.warm(crate::config::DEFAULT_HANDLER), 0);
+    assert!(pool_markers(&f).is_empty(), "{:?}", pool_markers(&f));
+}

@@ -133,9 +133,13 @@ pub async fn startup_phases(c: &mut CriClient, id: &str) -> anyhow::Result<HashM
     let Some(phases) = info["startupMs"].as_object() else {
         bail!("PodSandboxStatus verbose info has no startupMs: {info}");
     };
+    // `pooled` (a bool) reads as 0 or 1.
     Ok(phases
         .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .filter_map(|(k, v)| {
+            let n = v.as_f64().or_else(|| v.as_bool().map(f64::from))?;
+            Some((k.clone(), n))
+        })
         .collect())
 }
 
@@ -230,4 +234,41 @@ pub async fn exec_sync(c: &mut CriClient, id: &str, cmd: &[&str]) -> anyhow::Res
         bail!("ExecSync {cmd:?} exited {}", r.exit_code);
     }
     Ok(elapsed)
+}
+
+/// `vessel_pool_warm_vms` of the default handler on vesseld's /metrics at `port`.
+pub fn pool_warm_vms(port: u16) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("vessel_pool_warm_vms{handler=\"default\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until the default handler's pool holds `n` warm VMs.
+pub async fn wait_pool_warm(port: u16, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pool_warm_vms(port) != Some(n) {
+        if Instant::now() > deadline {
+            bail!("the warm pool never held {n} VMs");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The ids of the warm pool's entries (their markers under the run root).
+pub fn pool_ids(run_root: &Path) -> Vec<String> {
+    std::fs::read_dir(run_root.join("pool"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -135,6 +135,9 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
         pods_with_cni(&env)
             .await
             .context("RunPodSandbox with CNI")?;
+        pods_from_pool(&env)
+            .await
+            .context("RunPodSandbox from the warm pool")?;
     }
     if wanted(&[3, 4]) {
         containers(&env).await.context("containers")?;
@@ -320,6 +323,61 @@ async fn pods_without_network(env: &Env) -> anyhow::Result<()> {
     memory_rows(env, "1 pod", &memory);
     drop(c);
     drop(d);
+    Ok(())
+}
+
+/// RunPodSandbox served by a warm VM (pool of 1, refilled between samples), and
+/// what an idle pool VM costs.
+async fn pods_from_pool(env: &Env) -> anyhow::Result<()> {
+    let (mut d, c) = env.daemon(None).await?;
+    drop(c);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    std::fs::write(
+        d.dropin_dir().join("60-bench-pool.toml"),
+        format!("[runtimes.default]\npool_size = 1\n\n[metrics]\naddress = \"127.0.0.1:{port}\"\n"),
+    )?;
+    d.restart()?;
+    let mut c = d.client().await?;
+    let logs = env.work.join("logs");
+    let (mut total, mut memory) = (Samples::new(), Vec::new());
+    for i in 0..env.plan.boots {
+        pods::wait_pool_warm(port, 1).await?;
+        tokio::time::sleep(Duration::from_secs(env.plan.settle_secs)).await;
+        if let Some(warm) = pods::pool_ids(d.run_root()).first() {
+            memory.push(pod_pss(&d, warm));
+        }
+        let (id, wall) =
+            pods::run_pod(&mut c, pods::pod_config(&format!("warm{i}"), &logs)).await?;
+        if pods::startup_phases(&mut c, &id).await?.get("pooled") != Some(&1.0) {
+            bail!("pod {id} did not come from the warm pool");
+        }
+        total.push_duration(wall);
+        pods::stop_and_remove_pod(&mut c, &id).await?;
+    }
+    let note = format!(
+        "{} row 2 cold, same run; pool of 1 refilled between samples",
+        ratio(total.median(), env.median(RUN_PLAIN))
+    );
+    env.add(
+        "2. RunPodSandbox, no network, warm pool",
+        Unit::Millis,
+        total,
+        note,
+    );
+    let rows = Samples::from_values(memory.iter().map(|p| mib(p.total_kib())));
+    env.add(
+        "6. PSS of an idle pool VM",
+        Unit::MiB,
+        rows,
+        format!(
+            "what each warm VM costs: QEMU + helpers after {} s idle",
+            env.plan.settle_secs
+        ),
+    );
+    drop(c);
+    d.stop();
     Ok(())
 }
 
