@@ -206,7 +206,11 @@ async fn pods_come_from_the_pool_which_refills_and_replaces_its_dead() {
             .trim(),
         "cold"
     );
-    assert_eq!(pool_ids(&d), [next_id.clone()], "the pool VM was not used");
+    assert_eq!(
+        pool_ids(&d),
+        std::slice::from_ref(&next_id),
+        "the pool VM was not used"
+    );
 
     // A pool VM that dies is dropped, cleaned up and replaced.
     let qemu = qemu_of(&d, &next_id).expect("the pool VM's QEMU");
