@@ -144,6 +144,20 @@ impl AgentClient {
         Self::untimed("WaitProcess", c.wait_process(req)).await
     }
 
+    /// ExecProcess + its output + its exit in one round trip (no timeout: the
+    /// caller's deadline applies). The reply may hold `output_limit` bytes per
+    /// stream and no more: a larger one fails to decode.
+    pub async fn exec_sync(
+        &self,
+        req: pb::ExecSyncRequest,
+        output_limit: usize,
+    ) -> Result<pb::ExecSyncResponse> {
+        // Both streams at the limit, plus the status and framing.
+        let most = output_limit.saturating_mul(2).saturating_add(64 << 10);
+        let mut c = self.raw().max_decoding_message_size(most);
+        Self::untimed("ExecSync", c.exec_sync(req)).await
+    }
+
     /// SIGKILLs one exec'd process: an ExecSync past its deadline, or a streaming
     /// exec whose client left.
     pub async fn kill_exec(&self, container_id: &str, exec_id: &str) -> Result<()> {
