@@ -45,6 +45,29 @@ impl AgentService {
     }
 }
 
+/// The most ExecSync output the agent holds per stream, whatever the host asks.
+const MAX_EXEC_SYNC_OUTPUT: usize = 16 << 20;
+
+/// A stream's bytes until it ends, freed from the buffer as they are read; `Err`
+/// (naming the stream) once more than `limit` bytes came.
+async fn collect_output(
+    buf: std::sync::Arc<crate::output::OutputBuffer>,
+    limit: usize,
+    which: pb::OutputStream,
+) -> Result<Vec<u8>, pb::OutputStream> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while let Some((at, data)) = buf.chunk_at(offset).await {
+        offset = at + data.len() as u64;
+        buf.ack(offset);
+        if out.len() + data.len() > limit {
+            return Err(which);
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -192,6 +215,51 @@ impl Agent for AgentService {
             exited_at_unix_ns: exit.at_unix_ns,
             oom_killed: oom,
             started_at_unix_ns: started,
+        }))
+    }
+
+    async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Reply<pb::ExecSyncResponse> {
+        let r = req.into_inner();
+        let limit = usize::try_from(r.output_limit)
+            .unwrap_or(usize::MAX)
+            .min(MAX_EXEC_SYNC_OUTPUT);
+        self.containers
+            .exec(&r.container_id, &r.exec_id, &r.oci_process_json, false)
+            .await
+            .map_err(status)?;
+        let p = self
+            .containers
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
+        let out = collect_output(p.stdio.stdout.clone(), limit, pb::OutputStream::Stdout);
+        let err = collect_output(p.stdio.stderr.clone(), limit, pb::OutputStream::Stderr);
+        // The first stream over the limit ends both (the other may never end).
+        let (stdout, stderr) = match futures_util::future::try_join(out, err).await {
+            Ok(both) => both,
+            Err(which) => {
+                self.containers
+                    .signal(&r.container_id, &r.exec_id, libc::SIGKILL, false)
+                    .map_err(status)?;
+                return Ok(Response::new(pb::ExecSyncResponse {
+                    output_exceeded: true,
+                    exceeded_stream: which as i32,
+                    ..Default::default()
+                }));
+            }
+        };
+        let (exit, oom) = p.wait().await;
+        let started = *p.started_at_ns.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Response::new(pb::ExecSyncResponse {
+            stdout,
+            stderr,
+            status: Some(pb::WaitProcessResponse {
+                exit_code: exit.code,
+                exited_at_unix_ns: exit.at_unix_ns,
+                oom_killed: oom,
+                started_at_unix_ns: started,
+            }),
+            output_exceeded: false,
+            exceeded_stream: 0,
         }))
     }
 

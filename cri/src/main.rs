@@ -136,6 +136,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Every agent round trip, by RPC, in /metrics (vessel-bench counts them per
+    // CRI call).
+    vessel_sandbox::agent::set_call_observer(|rpc, latency, ok| {
+        metrics::get().agent_call(rpc, latency, ok)
+    });
     let reloader = reload::Reloader {
         source,
         overrides,

@@ -1,7 +1,8 @@
 //! Client of the guest agent (tonic over vsock), with a timeout on every unary call.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
@@ -20,6 +21,24 @@ pub struct AgentClient {
     rpc: RawAgentClient,
     call_timeout: Duration,
     addr: VsockAddr,
+}
+
+/// Told of every agent call this process makes through [`AgentClient`]: the RPC's
+/// name, how long it took (for a stream: until it opened) and whether it
+/// succeeded. vesseld exports these as metrics (agent round trips per CRI call).
+pub type CallObserver = fn(&'static str, Duration, bool);
+
+static OBSERVER: OnceLock<CallObserver> = OnceLock::new();
+
+/// Installs the process-wide [`CallObserver`]; the first one set stays.
+pub fn set_call_observer(observer: CallObserver) {
+    let _ = OBSERVER.set(observer);
+}
+
+fn observe(rpc: &'static str, started: Instant, ok: bool) {
+    if let Some(f) = OBSERVER.get() {
+        f(rpc, started.elapsed(), ok);
+    }
 }
 
 /// Largest agent reply vesseld decodes.
@@ -64,14 +83,31 @@ impl AgentClient {
         self.rpc.clone()
     }
 
-    async fn timed<T, F>(&self, what: &str, limit: Duration, f: F) -> Result<T>
+    async fn timed<T, F>(&self, what: &'static str, limit: Duration, f: F) -> Result<T>
     where
         F: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        match tokio::time::timeout(limit, f).await {
-            Ok(r) => Ok(r?.into_inner()),
+        let started = Instant::now();
+        let res = match tokio::time::timeout(limit, f).await {
+            Ok(r) => r.map(tonic::Response::into_inner).map_err(Error::from),
             Err(_) => Err(Error::Timeout(limit, format!("agent {what}"))),
-        }
+        };
+        observe(what, started, res.is_ok());
+        res
+    }
+
+    /// An untimed call, observed like the timed ones.
+    async fn untimed<T, F>(what: &'static str, f: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let res = f
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Error::from);
+        observe(what, started, res.is_ok());
+        res
     }
 
     /// The pod's stats in one round trip, within `limit` (stats callers poll and
@@ -104,7 +140,22 @@ impl AgentClient {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
         };
-        Ok(self.raw().wait_process(req).await?.into_inner())
+        let mut c = self.raw();
+        Self::untimed("WaitProcess", c.wait_process(req)).await
+    }
+
+    /// ExecProcess + its output + its exit in one round trip (no timeout: the
+    /// caller's deadline applies). The reply may hold `output_limit` bytes per
+    /// stream and no more: a larger one fails to decode.
+    pub async fn exec_sync(
+        &self,
+        req: pb::ExecSyncRequest,
+        output_limit: usize,
+    ) -> Result<pb::ExecSyncResponse> {
+        // Both streams at the limit, plus the status and framing.
+        let most = output_limit.saturating_mul(2).saturating_add(64 << 10);
+        let mut c = self.raw().max_decoding_message_size(most);
+        Self::untimed("ExecSync", c.exec_sync(req)).await
     }
 
     /// SIGKILLs one exec'd process: an ExecSync past its deadline, or a streaming
@@ -135,8 +186,10 @@ impl AgentClient {
         &self,
         chunks: impl tonic::IntoStreamingRequest<Message = pb::StdinChunk>,
     ) -> Result<()> {
-        self.raw().write_stdin(chunks).await?;
-        Ok(())
+        let mut c = self.raw();
+        Self::untimed("WriteStdin", c.write_stdin(chunks))
+            .await
+            .map(drop)
     }
 
     /// Port-forward stream; the first message must carry the port (no timeout).
@@ -144,7 +197,8 @@ impl AgentClient {
         &self,
         data: impl tonic::IntoStreamingRequest<Message = pb::PortForwardData>,
     ) -> Result<Streaming<pb::PortForwardData>> {
-        Ok(self.raw().port_forward(data).await?.into_inner())
+        let mut c = self.raw();
+        Self::untimed("PortForward", c.port_forward(data)).await
     }
 }
 

@@ -125,6 +125,24 @@ impl PodVm {
             .await
     }
 
+    /// Runs an extra process to its end and returns its output (at most
+    /// `output_limit` bytes per stream) and exit, in one agent call; no timeout.
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        output_limit: usize,
+    ) -> Result<pb::ExecSyncResponse> {
+        let req = pb::ExecSyncRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            oci_process_json: process_json,
+            output_limit: output_limit as u64,
+        };
+        self.agent().exec_sync(req, output_limit).await
+    }
+
     /// Waits for a process (`exec_id` empty: the main one) to exit; no timeout.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<pb::WaitProcessResponse> {
         self.agent().wait_process(id, exec_id).await

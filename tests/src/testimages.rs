@@ -109,11 +109,11 @@ struct Built {
 }
 
 /// `config_keys` are extra keys of the image config's `config` object (`User`,
-/// `StopSignal`, ...), as strings.
+/// `StopSignal`, `Entrypoint`, ...), as JSON values.
 fn build_image(
     layers: Vec<Layer>,
     arch: &str,
-    config_keys: &[(&str, &str)],
+    config_keys: &[(&str, serde_json::Value)],
 ) -> anyhow::Result<Built> {
     let mut cfg = json!({
         "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
@@ -121,7 +121,7 @@ fn build_image(
         "WorkingDir": "/",
     });
     for (key, value) in config_keys {
-        cfg[*key] = json!(value);
+        cfg[*key] = value.clone();
     }
     let config = serde_json::to_vec(&json!({
         "created": "2023-11-14T22:13:20Z",
@@ -165,7 +165,7 @@ async fn push_single(
     reg: Target,
     repo_tag: &str,
     layers: Vec<Layer>,
-    config_keys: &[(&str, &str)],
+    config_keys: &[(&str, serde_json::Value)],
 ) -> anyhow::Result<PushedImage> {
     let (name, tag) = split_repo_tag(repo_tag);
     let addr = reg.addr.clone();
@@ -210,6 +210,15 @@ pub async fn push_zstd(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Result
     .await
 }
 
+/// Busybox whose command sleeps for a day: a stand-in for the pause image of a
+/// runtime that needs one (the containerd peer of vessel-bench).
+pub async fn push_pause(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Result<PushedImage> {
+    let layers = vec![busybox_layer(LayerCompression::Gzip)?];
+    // Cmd, not Entrypoint: the default Cmd (`sh`) would become sleep's argument.
+    let cmd = json!(["sleep", "86400"]);
+    push_single(reg.into(), repo_tag, layers, &[("Cmd", cmd)]).await
+}
+
 /// Busybox whose config sets `User` (e.g. `"1000"`, `"vessel"`, `"1000:1000"`).
 pub async fn push_with_user(
     reg: impl Into<Target>,
@@ -217,7 +226,7 @@ pub async fn push_with_user(
     user: &str,
 ) -> anyhow::Result<PushedImage> {
     let layers = vec![busybox_layer(LayerCompression::Gzip)?];
-    push_single(reg.into(), repo_tag, layers, &[("User", user)]).await
+    push_single(reg.into(), repo_tag, layers, &[("User", json!(user))]).await
 }
 
 /// Busybox whose config sets `StopSignal` (e.g. `"SIGUSR1"`), the signal
@@ -228,7 +237,13 @@ pub async fn push_with_stop_signal(
     signal: &str,
 ) -> anyhow::Result<PushedImage> {
     let layers = vec![busybox_layer(LayerCompression::Gzip)?];
-    push_single(reg.into(), repo_tag, layers, &[("StopSignal", signal)]).await
+    push_single(
+        reg.into(),
+        repo_tag,
+        layers,
+        &[("StopSignal", json!(signal))],
+    )
+    .await
 }
 
 /// Three layers: (1) busybox plus `/data` and `/opaque` files; (2) `.wh.remove-me`

@@ -225,6 +225,18 @@ impl RunningVm for FakeVm {
     ) -> vessel_sandbox::Result<Output> {
         Ok(Box::pin(futures_util::stream::empty()))
     }
+    async fn exec_sync(
+        &self,
+        _id: &str,
+        _exec_id: &str,
+        _process_json: Vec<u8>,
+        _output_limit: usize,
+    ) -> vessel_sandbox::Result<pb::ExecSyncResponse> {
+        // As an agent from before the call: the engine runs the exec in parts.
+        Err(vessel_sandbox::Error::Agent(tonic::Status::unimplemented(
+            "ExecSync",
+        )))
+    }
     async fn wait(
         &self,
         id: &str,

@@ -48,6 +48,14 @@ pub trait RunningVm: Send + Sync + 'static {
         -> Result<()>;
     /// One output stream of a process (`exec_id` empty: the main one), from the start.
     async fn output(&self, id: &str, exec_id: &str, which: OutputStream) -> Result<Output>;
+    /// Exec + output + exit in one agent call (see `PodVm::exec_sync`).
+    async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        output_limit: usize,
+    ) -> Result<pb::ExecSyncResponse>;
     /// Waits for a process (`exec_id` empty: the main one) to exit.
     async fn wait(&self, id: &str, exec_id: &str) -> Result<pb::WaitProcessResponse>;
     async fn kill_exec(&self, id: &str, exec_id: &str) -> Result<()>;
@@ -107,6 +115,15 @@ impl RunningVm for PodVm {
     }
     async fn output(&self, id: &str, exec_id: &str, which: OutputStream) -> Result<Output> {
         Ok(PodVm::output(self, id, exec_id, which).await?.boxed())
+    }
+    async fn exec_sync(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        output_limit: usize,
+    ) -> Result<pb::ExecSyncResponse> {
+        PodVm::exec_sync(self, id, exec_id, process_json, output_limit).await
     }
     async fn wait(&self, id: &str, exec_id: &str) -> Result<pb::WaitProcessResponse> {
         PodVm::wait(self, id, exec_id).await

@@ -128,9 +128,8 @@ impl Stats {
             // Facts are recorded once the VM answered; until then a loose bound.
             .unwrap_or((1, UNKNOWN_VM_MEMORY));
 
-        let started = Instant::now();
+        // Observed in the agent metrics by the sandbox crate's call observer.
         let reply = vm.agent().pod_stats(AGENT_LIMIT).await;
-        crate::metrics::get().agent_call("PodStats", started.elapsed(), reply.is_ok());
         let cgroup = vm
             .cgroup()
             .filter(|c| c.unified)

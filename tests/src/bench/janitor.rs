@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 pub struct Janitor {
     dirs: Mutex<Vec<PathBuf>>,
     netns: Mutex<Vec<String>>,
+    cgroups: Mutex<Vec<String>>,
 }
 
 impl Janitor {
@@ -34,12 +35,25 @@ impl Janitor {
             .push(name.to_owned());
     }
 
+    /// A cgroup parent (e.g. `/vbench-peer-…`) whose processes are the run's: the
+    /// containerd peer's runc containers, which name no owned dir.
+    pub fn own_cgroup(&self, parent: &str) {
+        self.cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(parent.to_owned());
+    }
+
     /// Kills every process that names an owned dir on its command line, detaches
     /// the mounts under them, removes them, and deletes the owned namespaces.
     pub fn sweep(&self) {
         let dirs = std::mem::take(&mut *self.dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for dir in &dirs {
             kill_processes_naming(dir);
+        }
+        let cgroups = std::mem::take(&mut *self.cgroups.lock().unwrap_or_else(|p| p.into_inner()));
+        for parent in &cgroups {
+            remove_cgroup(parent);
         }
         for dir in &dirs {
             unmount_under(dir);
@@ -92,6 +106,77 @@ fn kill_processes_naming(dir: &Path) {
             Pid::from_raw(pid),
             Some(nix::sys::wait::WaitPidFlag::WNOHANG),
         );
+    }
+}
+
+/// The directories of cgroup `parent` in every mounted hierarchy (v1 controllers
+/// and the v2 tree), and those under them, deepest first.
+fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    let rel = parent.trim_start_matches('/');
+    if rel.is_empty() || rel.contains("..") {
+        return Vec::new();
+    }
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let fstype = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1));
+        if !matches!(fstype, Some(&"cgroup") | Some(&"cgroup2")) {
+            continue;
+        }
+        let Some(point) = fields.get(4) else { continue };
+        collect_dirs(&Path::new(point).join(rel), &mut dirs);
+    }
+    dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    dirs
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    out.push(dir.to_owned());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_dirs(&e.path(), out);
+        }
+    }
+}
+
+/// Pids in cgroup `parent` or below it, in any hierarchy.
+pub fn cgroup_pids(parent: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cgroup_dirs(parent)
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// SIGKILLs what runs in cgroup `parent` and removes its directories.
+pub fn remove_cgroup(parent: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = cgroup_pids(parent);
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in cgroup_dirs(parent) {
+        let _ = std::fs::remove_dir(&dir);
     }
 }
 

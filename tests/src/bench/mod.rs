@@ -3,6 +3,7 @@
 //! rows), and measures each row in the same run as its reference (see
 //! docs/benchmarks.md for what each row means).
 
+pub mod agentcalls;
 pub mod channel;
 pub mod floor;
 pub mod janitor;
@@ -10,6 +11,7 @@ pub mod listing;
 pub mod machine;
 pub mod memory;
 pub mod peer;
+pub mod peer_cri;
 pub mod pods;
 mod scenario;
 pub mod stats;
@@ -26,7 +28,8 @@ pub use scenario::run;
 pub struct Options {
     /// Fewer samples and a smaller image: a smoke run of a few minutes.
     pub quick: bool,
-    /// Compare the pull with containerd's `ctr` (installing Debian's containerd).
+    /// Compare with containerd: the pull with `ctr`, rows 2-4 with containerd's CRI
+    /// and runc (installing Debian's containerd and runc).
     pub peer: bool,
     /// Only these rows (and what they are measured against); None: all.
     pub only: Option<Vec<u32>>,

@@ -1,6 +1,7 @@
 //! The peer: containerd's `ctr images pull` of the same image, for the pull row's
 //! ratio. Each pull gets a fresh containerd (own root, state and socket under the
-//! run's work dir), so it is as cold as vesseld's.
+//! run's work dir), so it is as cold as vesseld's. The CRI peer of rows 2-4
+//! (containerd + runc) is `peer_cri`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +23,12 @@ fn which(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
-/// Installs Debian's containerd package (what `--peer` asks for).
+/// Whether runc is installed too (the CRI peer of rows 2-4 runs containers).
+pub fn runc_available() -> bool {
+    which("runc")
+}
+
+/// Installs Debian's containerd and runc packages (what `--peer` asks for).
 pub fn install() -> anyhow::Result<()> {
     let ok = Command::new("apt-get")
         .args([
@@ -31,13 +37,14 @@ pub fn install() -> anyhow::Result<()> {
             "-q",
             "--no-install-recommends",
             "containerd",
+            "runc",
         ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .context("apt-get")?
         .success();
-    if !ok || !available() {
-        bail!("could not install containerd (apt-get install containerd)");
+    if !ok || !available() || !runc_available() {
+        bail!("could not install containerd and runc (apt-get install containerd runc)");
     }
     Ok(())
 }

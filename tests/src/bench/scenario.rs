@@ -11,7 +11,10 @@ use super::janitor::{pids_naming, Janitor};
 use super::memory::{pss_of, Pss};
 use super::stats::{Samples, Unit};
 use super::table::{format_value, ratio};
-use super::{channel, floor, listing, machine, peer, pods, streams, Options, Plan, SharedTable};
+use super::{
+    agentcalls, channel, floor, listing, machine, peer, peer_cri, pods, streams, Options, Plan,
+    SharedTable,
+};
 use crate::cri::CriClient;
 use crate::daemon::TestDaemon;
 use crate::registry::TestRegistry;
@@ -142,6 +145,14 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
     if wanted(&[3, 4]) {
         containers(&env).await.context("containers")?;
     }
+    if wanted(&[3, 4]) {
+        round_trips(&env)
+            .await
+            .context("agent calls per CRI call")?;
+    }
+    if opts.peer && wanted(&[2, 3, 4]) {
+        cri_peer(&env).await.context("containerd + runc peer")?;
+    }
     if wanted(&[8, 10]) {
         channel_and_streams(&env, wanted(&[10]))
             .await
@@ -160,6 +171,223 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
     }
     if wanted(&[7]) {
         pull(&env, opts.peer).await.context("image pull")?;
+    }
+    add_goals(&env);
+    Ok(())
+}
+
+/// Agent calls of each CRI call in one walk-through (pod, containers, exec), from
+/// vesseld's `/metrics` before and after the call. A call counts when it ends:
+/// those a CRI call sets off in the background (log pumps) count for it if done
+/// within [`CALLS_SETTLE`]; the exit watch's WaitProcess counts for the call
+/// that ends the process.
+async fn round_trips(env: &Env) -> anyhow::Result<()> {
+    let (mut d, _) = env.daemon(None).await?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    std::fs::write(
+        d.dropin_dir().join("60-metrics.toml"),
+        format!("[metrics]\naddress = \"{addr}\"\n"),
+    )?;
+    d.restart()?;
+    let mut c = d.client().await?;
+    c.pull(&env.busybox).await?;
+    let addr = addr.to_string();
+    let mut per_call: Vec<(&str, Samples, agentcalls::Calls)> = Vec::new();
+    let mut record = |what: &'static str, calls: agentcalls::Calls| match per_call
+        .iter_mut()
+        .find(|(w, ..)| *w == what)
+    {
+        Some((_, samples, last)) => {
+            samples.push(calls.total() as f64);
+            *last = calls;
+        }
+        None => per_call.push((what, Samples::from_values([calls.total() as f64]), calls)),
+    };
+    macro_rules! counted {
+        ($what:literal, $call:expr) => {{
+            let before = agentcalls::fetch(&addr).await?;
+            let out = $call;
+            tokio::time::sleep(CALLS_SETTLE).await;
+            let calls = agentcalls::fetch(&addr).await?.since(&before);
+            // Outside a pod start, Health is the 5 s liveness probe, not the call's.
+            let calls = match $what.contains("RunPodSandbox") {
+                true => calls,
+                false => calls.without("Health"),
+            };
+            record($what, calls);
+            out
+        }};
+    }
+    let config = pods::pod_config("calls", &env.work.join("logs"));
+    let (pod, _) = counted!(
+        "2. agent calls per RunPodSandbox",
+        pods::run_pod(&mut c, config.clone()).await?
+    );
+    for i in 0..env.plan.containers {
+        let ctr_config = pods::sleeper_config(&format!("calls{i}"), &env.busybox);
+        let id = counted!(
+            "3. agent calls per CreateContainer",
+            c.runtime
+                .create_container(k8s_cri::v1::CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(ctr_config.clone()),
+                    sandbox_config: Some(config.clone()),
+                })
+                .await
+                .context("CreateContainer")?
+                .into_inner()
+                .container_id
+        );
+        counted!(
+            "3. agent calls per StartContainer",
+            c.runtime
+                .start_container(k8s_cri::v1::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .context("StartContainer")?
+        );
+        pods::wait_ready(&config, &ctr_config).await?;
+        if i + 1 == env.plan.containers {
+            for _ in 0..env.plan.execs {
+                counted!(
+                    "4. agent calls per ExecSync",
+                    pods::exec_sync(&mut c, &id, &["true"]).await?
+                );
+            }
+        }
+        counted!(
+            "3. agent calls per StopContainer",
+            pods::stop_container(&mut c, &id, 10).await?
+        );
+        counted!(
+            "3. agent calls per RemoveContainer",
+            pods::remove_container(&mut c, &id).await?
+        );
+    }
+    counted!(
+        "3. agent calls per StopPodSandbox + RemovePodSandbox",
+        pods::stop_and_remove_pod(&mut c, &pod).await?
+    );
+    for (what, samples, last) in per_call {
+        env.add(
+            what,
+            Unit::Count,
+            samples,
+            format!("last: {}", last.describe()),
+        );
+    }
+    drop(c);
+    drop(d);
+    Ok(())
+}
+
+/// How long after a CRI call its background agent calls still count for it.
+const CALLS_SETTLE: Duration = Duration::from_millis(300);
+
+/// Issue 17's goals: (row label, match as prefix, goal).
+const GOALS: &[(&str, bool, &str)] = &[
+    (FLOOR, false, "goal ≤ 0.7 s"),
+    (CREATE_START, false, "goal ≤ 1.5× containerd + runc"),
+    (EXEC_SYNC, false, "goal ≤ 2× containerd + runc"),
+    ("5. ", true, "goal ≤ 3× one pod"),
+    ("6. PSS per idle pod", true, "goal ≤ 80 MiB"),
+    ("↳ guest RAM touched", false, "goal ≤ 40 MiB"),
+    (RTT, false, "goal ≤ 0.3 ms"),
+];
+
+/// Appends each issue-17 goal to its row's note.
+fn add_goals(env: &Env) {
+    let mut t = env.table.lock().unwrap_or_else(|p| p.into_inner());
+    for (label, prefix, goal) in GOALS {
+        t.append_note(label, *prefix, goal);
+    }
+}
+
+const CREATE_START: &str = "3. CreateContainer + StartContainer";
+const EXEC_SYNC: &str = "4. ExecSync `true`";
+const PEER: &str = "containerd + runc (peer)";
+
+/// Rows 2-4's peer: the same walk-through against a private containerd 1.6 + runc
+/// in a namespace of its own (see [`peer_cri`]), each row with vessel's ratio.
+async fn cri_peer(env: &Env) -> anyhow::Result<()> {
+    if !peer::available() || !peer::runc_available() {
+        peer::install()?;
+    }
+    let host = TestHost::new("vbpeer")?;
+    env.janitor.own_netns(host.name());
+    let cgroup = format!("/{}", host.name());
+    env.janitor.own_cgroup(&cgroup);
+    let pause = testimages::push_pause(&env.registry, "bench/pause:1")
+        .await?
+        .reference;
+    let example_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/10-vessel.conflist");
+    let example: serde_json::Value = serde_json::from_slice(&std::fs::read(&example_path)?)?;
+    let registry: std::net::SocketAddr = env.registry.addr().parse()?;
+    let dir = env.work.join("cri-peer");
+    let (ctrd, mut c) =
+        peer_cri::CriContainerd::start(&dir, &host.path(), registry, &pause, &example, &cgroup)
+            .await?;
+    let counts = (env.plan.boots, env.plan.containers, env.plan.execs);
+    let walked = async {
+        c.pull(&pause).await?;
+        c.pull(&env.busybox).await?;
+        peer_cri::walk(&ctrd, &mut c, &env.busybox, &env.work.join("logs"), counts).await
+    }
+    .await;
+    let w = walked.map_err(|e| {
+        let log = ctrd.log();
+        let tail = &log[log.len().saturating_sub(4000)..];
+        e.context(format!("containerd log tail:\n{tail}"))
+    })?;
+    let leftovers = ctrd.leftover_pids();
+    drop(c);
+    drop(ctrd);
+    drop(host);
+    if !leftovers.is_empty() {
+        bail!("the peer's pods left processes behind: {leftovers:?}");
+    }
+    let vs = |vessel: &str, peer: &Samples| {
+        format!(
+            "vessel takes {} of this",
+            ratio(env.median(vessel), peer.median())
+        )
+    };
+    let rows = [
+        (
+            format!("2. RunPodSandbox, CNI bridge, {PEER}"),
+            vs(RUN_CNI, &w.run_cni),
+            w.run_cni,
+        ),
+        (
+            format!("3. StopPodSandbox + RemovePodSandbox, {PEER}"),
+            vs("3. StopPodSandbox + RemovePodSandbox", &w.teardown),
+            w.teardown,
+        ),
+        (
+            format!("{CREATE_START}, {PEER}"),
+            vs(CREATE_START, &w.create_start),
+            w.create_start,
+        ),
+        (
+            format!("3. StopContainer, {PEER}"),
+            vs("3. StopContainer", &w.stop),
+            w.stop,
+        ),
+        (
+            format!("3. RemoveContainer, {PEER}"),
+            vs("3. RemoveContainer", &w.remove),
+            w.remove,
+        ),
+        (
+            format!("{EXEC_SYNC}, {PEER}"),
+            vs(EXEC_SYNC, &w.exec),
+            w.exec,
+        ),
+    ];
+    for (label, note, samples) in rows {
+        env.add(&label, Unit::Millis, samples, note);
     }
     Ok(())
 }

@@ -11,6 +11,8 @@ pub enum Unit {
     MiB,
     /// Mebibytes per second.
     MiBps,
+    /// A count (agent calls).
+    Count,
 }
 
 /// Sample values in the row's unit.

@@ -43,6 +43,20 @@ impl Table {
             .and_then(|r| r.samples.median())
     }
 
+    /// Appends `text` to the note of every row whose trimmed label is `label`
+    /// (`prefix`: starts with it), after a "; " where the note has text already.
+    pub fn append_note(&mut self, label: &str, prefix: bool, text: &str) {
+        for r in &mut self.rows {
+            let l = r.label.trim();
+            if l == label.trim() || (prefix && l.starts_with(label.trim())) {
+                if !r.note.is_empty() {
+                    r.note.push_str("; ");
+                }
+                r.note.push_str(text);
+            }
+        }
+    }
+
     /// Rows sorted by their leading number (stable: measuring order within a
     /// number), each indented `↳` row kept under the row before it.
     fn in_row_order(&self) -> Vec<&Row> {
@@ -92,6 +106,8 @@ pub fn format_value(unit: Unit, value: f64) -> String {
         Unit::MiB => format!("{value:.1} MiB"),
         Unit::MiBps if value >= 10.0 => format!("{value:.0} MiB/s"),
         Unit::MiBps => format!("{value:.1} MiB/s"),
+        Unit::Count if value.fract() == 0.0 => format!("{value:.0}"),
+        Unit::Count => format!("{value:.1}"),
     }
 }
 
@@ -115,6 +131,8 @@ mod tests {
         assert_eq!(format_value(Unit::MiB, 240.04), "240.0 MiB");
         assert_eq!(format_value(Unit::MiBps, 141.4), "141 MiB/s");
         assert_eq!(format_value(Unit::MiBps, 1.26), "1.3 MiB/s");
+        assert_eq!(format_value(Unit::Count, 4.0), "4");
+        assert_eq!(format_value(Unit::Count, 4.5), "4.5");
         assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50×");
         assert_eq!(ratio(None, Some(2.0)), "–");
     }
@@ -130,6 +148,30 @@ mod tests {
         assert!(md.contains("| floor | 2.00 ms | 3.00 ms | 2 |  |"), "{md}");
         assert!(md.contains("| empty | – | – | 0 | not measured |"), "{md}");
         assert_eq!(t.median_of("floor"), Some(2.0));
+    }
+
+    #[test]
+    fn notes_get_appended_to_matching_rows_only() {
+        let mut t = Table::default();
+        t.add("4. exec", Unit::Millis, Samples::new(), "");
+        t.add("4. exec, peer", Unit::Millis, Samples::new(), "x");
+        t.add("6. PSS, 1 pod", Unit::MiB, Samples::new(), "idle");
+        t.add("   ↳ guest", Unit::MiB, Samples::new(), "of 256");
+        t.add("6. PSS, 10 pods", Unit::MiB, Samples::new(), "");
+        t.append_note("4. exec", false, "goal ≤ 2×");
+        t.append_note("6. PSS", true, "goal ≤ 80 MiB");
+        t.append_note("↳ guest", false, "goal ≤ 40 MiB");
+        let notes: Vec<_> = t.rows.iter().map(|r| r.note.as_str()).collect();
+        assert_eq!(
+            notes,
+            [
+                "goal ≤ 2×",
+                "x",
+                "idle; goal ≤ 80 MiB",
+                "of 256; goal ≤ 40 MiB",
+                "goal ≤ 80 MiB"
+            ]
+        );
     }
 
     #[test]

@@ -17,7 +17,9 @@ use vessel_tests::bench::{self, Options, SharedTable};
 const USAGE: &str =
     "usage: vessel-bench [--quick] [--peer] [--only ROWS] [--stats-only] [--guest-dir DIR] [--vesseld PATH] [--out FILE]
   --quick      few samples, small image: a smoke run of about 3 minutes
-  --peer       also pull with containerd's ctr (installs Debian's containerd)
+  --peer       also run rows 2-4 against containerd + runc (its CRI, in a netns of
+               its own) and pull with containerd's ctr (installs Debian's
+               containerd and runc)
   --only       only these rows, comma-separated (e.g. 8,10), with the rows they are
                measured against in the same phase
   --stats-only only the ListContainerStats rows (same as --only 9)
