@@ -8,7 +8,8 @@ APT_PACKAGES=(
   libseccomp-dev libcap-ng-dev                  # virtiofsd, vessel-agent (seccomp)
   qemu-system-x86                               # the pod VM
   e2fsprogs                                     # mkfs.ext4: pods' scratch disks (writable layers)
-  busybox-static cpio kmod zstd lz4 xz-utils    # guest image + test images
+  busybox-static cpio zstd lz4 xz-utils         # guest image + test images
+  bc bison flex libelf-dev                      # the guest kernel (scripts/build-guest.sh)
   docker-registry openssl                       # test registry (distribution v2), its TLS certs
   containernetworking-plugins iproute2 iptables # CNI
   nftables                                      # CNI bridge macspoofchk runs `nft`

@@ -159,6 +159,10 @@ pub fn resource_writes(r: &LinuxResources) -> Vec<(String, String)> {
 /// Applies `r` to the cgroup at `dir`.
 pub fn apply(dir: &Path, r: &LinuxResources) -> std::io::Result<()> {
     for (file, value) in resource_writes(r) {
+        // The pod VM's kernel has no swap, so no `memory.swap.max`: nothing to limit.
+        if file == "memory.swap.max" && !dir.join(&file).exists() {
+            continue;
+        }
         std::fs::write(dir.join(&file), &value)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{file} = {value}: {e}")))?;
     }
@@ -231,5 +235,20 @@ mod tests {
         assert_eq!(get("memory.high"), Some("90000000"));
         assert_eq!(shares_to_weight(2), 1);
         assert_eq!(shares_to_weight(262_144), 10_000);
+    }
+
+    #[test]
+    fn swap_limit_is_skipped_without_swap_accounting() {
+        let r: LinuxResources =
+            serde_json::from_str(r#"{"memory":{"limit":104857600,"swap":104857600}}"#).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        apply(dir.path(), &r).unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).ok();
+        assert_eq!(read("memory.max").as_deref(), Some("104857600"));
+        assert_eq!(read("memory.swap.max"), None);
+        // Where the kernel has the file, the limit is written.
+        std::fs::write(dir.path().join("memory.swap.max"), "max").unwrap();
+        apply(dir.path(), &r).unwrap();
+        assert_eq!(read("memory.swap.max").as_deref(), Some("0"));
     }
 }

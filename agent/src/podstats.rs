@@ -86,13 +86,35 @@ pub fn sample(containers: &[Arc<Container>]) -> pb::PodStatsResponse {
                 stats: Some(container(c)),
             })
             .collect(),
-        interfaces: parse_net_dev(&net),
+        interfaces: parse_net_dev(&net)
+            .into_iter()
+            .filter(|i| is_up(&i.name))
+            .collect(),
     }
+}
+
+/// Whether an interface is up. Down ones carry no pod traffic; the guest kernel's
+/// built-in fallback devices (`dummy0`, `sit0`) stay down and are left out.
+fn is_up(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).is_ok_and(|f| flags_up(&f))
+}
+
+/// IFF_UP in a sysfs `flags` value (`0x1003`).
+fn flags_up(flags: &str) -> bool {
+    let hex = flags.trim().trim_start_matches("0x");
+    u32::from_str_radix(hex, 16).is_ok_and(|f| f & 0x1 != 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn up_flag() {
+        assert!(flags_up("0x1003\n"));
+        assert!(!flags_up("0x1002\n"));
+        assert!(!flags_up("garbage"));
+    }
 
     #[test]
     fn net_dev_without_loopback() {

@@ -75,7 +75,8 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Returns once the VM process's control channel is up (fails if it exits).
     async fn wait_ready(&self, spec: &LaunchSpec<'_>, vmm: &Proc) -> Result<()>;
 
-    /// Asks the guest to power off (ACPI power button).
+    /// Asks the guest to power off (ACPI power button). Unused: the pod VM has no ACPI;
+    /// vessel stops a guest through its agent, then by quitting QEMU.
     async fn power_down(&self, dir: &RunDir) -> Result<()>;
 
     /// Stops the VM process at once (no guest involvement).

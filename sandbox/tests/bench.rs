@@ -23,14 +23,15 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 }
 
 /// The agent's initrd plus an appended cpio with /floor/init, a script that powers
-/// the guest off at once (busybox).
+/// the guest down at once (busybox `reboot -f`: the VM has no ACPI to power off
+/// through; `-no-reboot` makes the reset end QEMU).
 fn floor_initrd(initrd: &Path, work: &Path) -> std::path::PathBuf {
     let root = work.join("floor-root");
     std::fs::create_dir_all(root.join("floor")).unwrap();
     std::fs::copy("/bin/busybox", root.join("floor/busybox")).unwrap();
     std::fs::write(
         root.join("floor/init"),
-        "#!/floor/busybox sh\n/floor/busybox poweroff -f\n",
+        "#!/floor/busybox sh\n/floor/busybox reboot -f\n",
     )
     .unwrap();
     let status = Command::new("sh")
