@@ -214,7 +214,7 @@ async fn guest_boots_and_runs_containers() {
     let started = Instant::now();
     procs.0.push(
         Command::new("qemu-system-x86_64")
-            .args(["-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M"])
+            .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M"])
             .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
             .arg("-kernel")

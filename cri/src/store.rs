@@ -99,6 +99,9 @@ pub struct StartupTimings {
     /// Served by a pre-booted VM of the handler's warm pool (no boot in this RPC).
     #[serde(default)]
     pub pooled: bool,
+    /// A pooled VM's host processes moved into the kubelet's pod cgroup.
+    #[serde(default)]
+    pub cgroup_ms: u64,
 }
 
 /// What vesseld remembers of a container.

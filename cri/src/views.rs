@@ -100,6 +100,7 @@ pub fn pod_info(p: &PodRecord) -> serde_json::Value {
             "guestNetwork": v.startup.guest_network_ms,
             "total": v.startup.total_ms,
             "pooled": v.startup.pooled,
+            "cgroup": v.startup.cgroup_ms,
         })),
     })
 }

@@ -21,6 +21,9 @@ pub const DEFAULT_PARENT: &str = "/vessel";
 pub const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids"];
 /// Controllers enabled for children on the v2 path down to the pod cgroup.
 const V2_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
+/// Passes over a cgroup's processes when moving them (a fork between two passes
+/// adds one).
+const MOVE_PASSES: usize = 8;
 /// How long removal waits for exiting processes to leave.
 const REMOVE_PATIENCE: Duration = Duration::from_secs(3);
 
@@ -165,6 +168,15 @@ pub fn host_hierarchies() -> Result<Hierarchies> {
     parse_mountinfo(&text).ok_or_else(|| bad("no cgroup hierarchy is mounted"))
 }
 
+/// The pids in cgroup directory `dir` (none when it cannot be read).
+fn read_pids(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 impl PodCgroup {
     /// Where the pod cgroup of `id` under `parent` goes on this host (nothing is
     /// created yet).
@@ -232,6 +244,49 @@ impl PodCgroup {
         Ok(())
     }
 
+    /// Moves every process of this cgroup into `to` (created first) and removes
+    /// this one: how a pooled VM joins the cgroup of the pod that claims it. cgroup
+    /// v2 moves a process with all its threads; a child forked meanwhile is born here
+    /// and is caught by the next pass. Both must be planned on this host (same
+    /// hierarchies, in the same order). Blocking.
+    pub fn move_to(&self, to: &PodCgroup) -> Result<()> {
+        if self.dirs.len() != to.dirs.len() {
+            return Err(bad(format!(
+                "cannot move cgroup {} to {}: different hierarchies",
+                self.rel, to.rel
+            )));
+        }
+        to.create()?;
+        if !self.unified {
+            // cgroup v1 can take the memory charged so far along (anonymous and page
+            // cache); v2 cannot, and leaves it charged to the old cgroup's parent.
+            for dir in &to.dirs {
+                let file = dir.join("memory.move_charge_at_immigrate");
+                if file.exists() {
+                    let _ = std::fs::write(file, "3");
+                }
+            }
+        }
+        for (from, into) in self.dirs.iter().zip(&to.dirs) {
+            let procs = into.join("cgroup.procs");
+            for _ in 0..MOVE_PASSES {
+                let pids = read_pids(from);
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    match std::fs::write(&procs, pid.to_string()) {
+                        Ok(()) => {}
+                        // Exited in between.
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                        Err(e) => return Err(Error::io(&procs, e)),
+                    }
+                }
+            }
+        }
+        self.remove()
+    }
+
     /// `cgroup.procs` of each hierarchy, opened for a `pre_exec` to write "0" to.
     pub fn open_procs(&self) -> Result<Vec<OwnedFd>> {
         self.dirs
@@ -249,14 +304,7 @@ impl PodCgroup {
 
     /// Pids in the cgroup (first hierarchy).
     pub fn pids(&self) -> Vec<i32> {
-        let Some(dir) = self.dirs.first() else {
-            return Vec::new();
-        };
-        std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        self.dirs.first().map(|d| read_pids(d)).unwrap_or_default()
     }
 
     /// Memory charged to the cgroup (`memory.current` or `memory.usage_in_bytes`).

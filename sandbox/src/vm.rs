@@ -71,7 +71,8 @@ pub struct PodVm {
     exit: watch::Receiver<Option<VmExit>>,
     supervisor: tokio::task::JoinHandle<()>,
     boot_timing: Option<BootTiming>,
-    confined: Confined,
+    /// Changes only when a pooled VM moves to its pod's cgroup.
+    confined: std::sync::Mutex<Confined>,
 }
 
 /// How a VM's processes are confined (what cleanup must undo).
@@ -589,7 +590,7 @@ impl PodVm {
             exit,
             supervisor,
             boot_timing,
-            confined,
+            confined: std::sync::Mutex::new(confined),
         }
     }
 
@@ -698,11 +699,48 @@ impl PodVm {
     }
     /// The uid (= gid) QEMU and vhost-device-vsock run as (None: unconfined).
     pub fn jail_uid(&self) -> Option<u32> {
-        self.confined.jail_uid
+        self.confined().jail_uid
     }
     /// The pod cgroup every host process of the VM runs in.
-    pub fn cgroup(&self) -> Option<&PodCgroup> {
-        self.confined.cgroup.as_ref()
+    pub fn cgroup(&self) -> Option<PodCgroup> {
+        self.confined().cgroup
+    }
+
+    fn confined(&self) -> Confined {
+        self.confined
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Moves the VM's host processes into the pod cgroup under `parent` (a pooled VM
+    /// booted under vesseld's own parent; the pod that claims it has the kubelet's)
+    /// and records it in the state file, so cleanup after a restart finds it.
+    pub async fn move_cgroup(&self, parent: &str) -> Result<()> {
+        let Some(from) = self.cgroup() else {
+            return Ok(()); // unconfined (tests' fakes, no cgroup support)
+        };
+        let to = PodCgroup::plan(Some(parent), &self.id)?;
+        if to == from {
+            return Ok(());
+        }
+        let state_path = self.dir.state();
+        let target = to.clone();
+        blocking("pod cgroup move", move || {
+            // The state names the new cgroup first, so the one under the kubelet's
+            // parent is always found and removed; a crash mid-move can only leave
+            // the old (vesseld's own) cgroup dir behind.
+            let mut state = VmState::load(&state_path)?;
+            state.cgroup = Some(target.clone());
+            state.save(&state_path)?;
+            from.move_to(&target)
+        })
+        .await?;
+        self.confined
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cgroup = Some(to);
+        Ok(())
     }
     /// The agent client.
     pub fn agent(&self) -> &AgentClient {
@@ -765,7 +803,7 @@ impl PodVm {
             h.terminate(HELPER_GRACE).await;
         }
         let _ = self.wait_exit().await;
-        let (root, cgroup) = (self.dir.root().to_path_buf(), self.confined.cgroup.clone());
+        let (root, cgroup) = (self.dir.root().to_path_buf(), self.cgroup());
         blocking("VM cleanup", move || {
             remove_host_state(&root, cgroup.as_ref());
             Ok(())

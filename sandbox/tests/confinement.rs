@@ -75,7 +75,7 @@ async fn vm_processes_are_confined_and_cleaned_up() {
     let vm = start_vm(&ws, "confined", &guest).await;
     let uid = vm.jail_uid().expect("a jail uid");
     assert!(uid >= 200_000, "uid {uid}");
-    let cg = vm.cgroup().expect("a pod cgroup").clone();
+    let cg = vm.cgroup().expect("a pod cgroup");
     assert_eq!(cg.rel, "vessel/vessel-confined");
     let pids = vm.pids();
     let (qemu, virtiofsd, vsock) = (pids[0], pids[1], pids[2]);
@@ -229,7 +229,7 @@ async fn two_vms_get_different_uids() {
     }
     a.agent().health().await.unwrap();
     b.agent().health().await.unwrap();
-    let (ca, cb) = (a.cgroup().unwrap().clone(), b.cgroup().unwrap().clone());
+    let (ca, cb) = (a.cgroup().unwrap(), b.cgroup().unwrap());
     assert_ne!(ca.rel, cb.rel);
     let (pa, pb) = (a.pids(), b.pids());
     a.stop().await.unwrap();
@@ -249,7 +249,7 @@ async fn cgroup_parent_is_used_and_reconnect_cleans_up() {
         vm,
         procs: _kill_on_failure,
     } = VmGuard::new(PodVm::start(cfg).await.expect("VM starts"));
-    let cg = vm.cgroup().unwrap().clone();
+    let cg = vm.cgroup().unwrap();
     assert_eq!(
         cg.rel,
         "vesseltest.slice/vesseltest-burstable.slice/vesseltest-burstable-pod42.slice/vessel-reparent"
@@ -263,7 +263,7 @@ async fn cgroup_parent_is_used_and_reconnect_cleans_up() {
     drop(vm);
     let again = VmGuard::new(PodVm::reconnect(ws.run_dir()).await.expect("reconnect"));
     assert_eq!(again.jail_uid(), uid);
-    assert_eq!(again.cgroup(), Some(&cg));
+    assert_eq!(again.cgroup().as_ref(), Some(&cg));
     again.agent().health().await.unwrap();
     assert!(again.guest_running().await.unwrap());
     again.stop().await.unwrap();
@@ -286,7 +286,7 @@ async fn cgroup_parent_is_used_and_reconnect_cleans_up() {
             .await
             .expect("VM starts"),
     );
-    let (pids, cg) = (vm.pids(), vm.cgroup().unwrap().clone());
+    let (pids, cg) = (vm.pids(), vm.cgroup().unwrap());
     drop(vm);
     PodVm::destroy(ws.run_dir()).await.unwrap();
     assert_all_gone(&ws.run_dir(), &pids, &cg);
@@ -372,7 +372,7 @@ async fn full_console_keeps_the_vm_running() {
         boot_console.len()
     );
     let pids = vm.pids();
-    let cg = vm.cgroup().unwrap().clone();
+    let cg = vm.cgroup().unwrap();
     vm.stop().await.unwrap();
     assert_all_gone(&run, &pids, &cg);
 }
@@ -427,7 +427,7 @@ async fn idle_pod_overhead() {
     let vm = VmGuard::new(PodVm::start(cfg).await.expect("VM starts"));
     // Idle: let the guest settle and free-page reporting return what it freed.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let cg = vm.cgroup().unwrap().clone();
+    let cg = vm.cgroup().unwrap();
     let usage = cg.memory_bytes().unwrap() >> 10;
     let mut guest_ram = 0;
     println!("| process | pid | RSS guest RAM KiB | RSS anon KiB | RSS file KiB | PSS KiB |");

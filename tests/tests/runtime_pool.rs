@@ -130,6 +130,16 @@ async fn exec_out(c: &mut CriClient, ctr: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&r.stdout).into_owned()
 }
 
+/// The existing dirs of cgroup `rel` in the v2 root or any v1 hierarchy.
+fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    ["", "cpu", "cpuacct", "memory", "pids", "unified"]
+        .iter()
+        .map(|h| root.join(h).join(rel))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
 /// After vesseld stopped: no process, mount or file of any pod or pool VM.
 fn assert_pool_gone(d: &TestDaemon) {
     assert_no_leaks(d);
@@ -234,6 +244,50 @@ async fn pods_come_from_the_pool_which_refills_and_replaces_its_dead() {
         pids_naming(&vm_dir(&d, &next_id).display().to_string()).is_empty(),
         "dead pool VM's helpers left"
     );
+
+    // A pod with a cgroup_parent (the kubelet always sets one) is served from the
+    // pool too: its VM's host processes move into the pod's cgroup.
+    let replacement = pool_ids(&d).pop().expect("the replacement pool VM");
+    let parent = format!("/vessel-test-pool-{}", std::process::id());
+    let mut kubelet_pod = pod_config("kubelet", &d.dir().join("logs/kubelet"));
+    kubelet_pod.linux = Some(cri::LinuxPodSandboxConfig {
+        cgroup_parent: parent.clone(),
+        ..Default::default()
+    });
+    let kpod = run_pod(&mut c, &kubelet_pod, "")
+        .await
+        .expect("RunPodSandbox with a cgroup_parent");
+    assert_eq!(kpod, replacement, "the pod took the warm VM");
+    let info = pod_info(&mut c, &kpod).await;
+    assert_eq!(info["startupMs"]["pooled"], true, "{info}");
+    let qemu = qemu_of(&d, &kpod).expect("the claimed VM's QEMU");
+    let cgroup = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).unwrap();
+    assert!(
+        cgroup.contains(&format!("{parent}/vessel-{kpod}")),
+        "QEMU is not in the pod's cgroup: {cgroup}"
+    );
+    let left = cgroup_dirs(&format!("vessel/vessel-{kpod}"));
+    assert!(left.is_empty(), "the pool cgroup is left: {left:?}");
+    let kctr = run_container(
+        &mut c,
+        &kpod,
+        &kubelet_pod,
+        container_config("echo", &image, &["/bin/busybox", "sleep", "600"]),
+    )
+    .await;
+    assert_eq!(
+        exec_out(&mut c, &kctr, &["/bin/busybox", "echo", "moved"])
+            .await
+            .trim(),
+        "moved"
+    );
+    remove_pod(&mut c, &kpod).await;
+    let rel = parent.trim_start_matches('/');
+    let left = cgroup_dirs(&format!("{rel}/vessel-{kpod}"));
+    assert!(left.is_empty(), "the pod cgroup is left: {left:?}");
+    for dir in cgroup_dirs(rel) {
+        let _ = std::fs::remove_dir(dir);
+    }
 
     // Removing the pooled pod leaves nothing of it.
     remove_pod(&mut c, &pod).await;

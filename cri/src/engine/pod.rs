@@ -221,18 +221,10 @@ impl Engine {
             &config,
             crate::vmsize::host_cpus(),
         );
-        // A pool VM runs in vesseld's own cgroup parent, and its size and NIC were
-        // fixed at boot: a pod that wants other ones boots its own VM.
-        let cgroup_parent = config
-            .linux
-            .as_ref()
-            .is_some_and(|l| !l.cgroup_parent.is_empty());
-        let warm = if cgroup_parent {
-            None
-        } else {
-            let network = crate::podnet::has_config(&self.net.config().cni_conf_dir);
-            self.claim_warm(&handler_name, size, network)
-        };
+        // A pool VM's size and NIC were fixed at boot: a pod that wants other ones
+        // boots its own VM.
+        let network = crate::podnet::has_config(&self.net.config().cni_conf_dir);
+        let warm = self.claim_warm(&handler_name, size, network);
         let id = warm.as_ref().map_or_else(new_id, |w| w.id.clone());
         let record = PodRecord {
             id: id.clone(),
@@ -407,6 +399,18 @@ impl Engine {
         });
         // From here a failure's unwind stops the VM.
         self.set_live(guard, id, Some(live.clone()));
+        // Booted under vesseld's own cgroup parent: the kubelet accounts the pod's
+        // VM in its pod cgroup, as for a cold boot.
+        if let Some(parent) = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.as_str())
+            .filter(|p| !p.is_empty())
+        {
+            let phase = Instant::now();
+            super::pool::join_pod_cgroup(live.vm.as_ref(), parent).await?;
+            timings.cgroup_ms = millis(phase.elapsed());
+        }
         create_log_dir(config).await?;
         let mut files = crate::podfiles::pod_files(config);
         let mut net_plan = None;

@@ -410,9 +410,24 @@ async fn remove_file(path: PathBuf) -> Result<(), RuntimeError> {
     .await
 }
 
+/// Moves a real VM's host processes into the pod cgroup under the kubelet's
+/// `parent` (a fake has none).
+pub(super) async fn join_pod_cgroup(vm: &dyn RunningVm, parent: &str) -> Result<(), RuntimeError> {
+    let Some(vm) = vm.pod_vm() else {
+        return Ok(());
+    };
+    vm.move_cgroup(parent).await.map_err(|e| {
+        RuntimeError::sandbox(
+            "cannot move the pooled VM into the pod's cgroup (check the pod's cgroup_parent \
+             and that vesseld may write under it)",
+            e,
+        )
+    })
+}
+
 /// Sets the CPU weight of a real VM's pod cgroup (a fake has none).
 async fn set_cpu_weight(vm: &dyn RunningVm, weight: u64) -> Result<(), RuntimeError> {
-    let Some(cg) = vm.pod_vm().and_then(|v| v.cgroup()).cloned() else {
+    let Some(cg) = vm.pod_vm().and_then(|v| v.cgroup()) else {
         return Ok(());
     };
     super::blocking("cannot set the VM's CPU weight", move || {
