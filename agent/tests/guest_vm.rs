@@ -223,7 +223,7 @@ async fn guest_boots_and_runs_containers() {
             .arg(guest.join("initrd.img"))
             .arg("-append")
             .arg(format!(
-                "tsc_early_khz={} tsc=reliable quiet cryptomgr.notests panic=-1 console=ttyS0 vessel.seed=00112233445566778899aabbccddeeff",
+                "tsc_early_khz={} tsc=reliable quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0 vessel.seed=00112233445566778899aabbccddeeff",
                 tsc_khz()
             ))
             .arg("-serial")
