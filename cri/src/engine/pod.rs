@@ -108,6 +108,24 @@ impl Engine {
         );
     }
 
+    /// What a pod (or pool entry) holds on the host besides its VM: network, share
+    /// dir, pod dir, scratch disk. Run after the VM is gone (QEMU holds the tap);
+    /// every step runs and a failed one is logged.
+    pub(super) async fn release_host_resources(&self, id: &str) {
+        self.release_network(id).await;
+        log_failed(
+            id,
+            "release the share dir",
+            self.steps.destroy_share(self.share_path(id)).await,
+        );
+        log_failed(
+            id,
+            "remove the pod dir",
+            remove_tree(self.pod_dir(id)).await,
+        );
+        self.release_scratch(id).await;
+    }
+
     /// [`Self::remove_scratch`] where a failure is only logged (RemovePodSandbox
     /// tries again).
     pub(super) async fn release_scratch(&self, pod_id: &str) {
@@ -300,22 +318,7 @@ impl Engine {
             log_failed(id, "stop the VM", live.vm.stop().await);
         }
         // After the VM: QEMU holds the tap.
-        log_failed(
-            id,
-            "tear down the pod network",
-            self.steps.teardown_network(id).await,
-        );
-        log_failed(
-            id,
-            "release the share dir",
-            self.steps.destroy_share(self.share_path(id)).await,
-        );
-        log_failed(
-            id,
-            "remove the pod dir",
-            remove_tree(self.pod_dir(id)).await,
-        );
-        self.release_scratch(id).await;
+        self.release_host_resources(id).await;
         log_failed(id, "remove the pod record", self.store.remove_pod(id));
         self.remove_entry(guard, id);
     }

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use vessel_sandbox::PodVm;
 use vessel_storage::sharedir::ShareDir;
 
-use super::{log_failed, remove_tree, Engine, RunningVm, RuntimeError};
+use super::{log_failed, Engine, RunningVm, RuntimeError};
 use crate::config::RuntimeHandlerConfig;
 use crate::store::new_id;
 use crate::vmsize::VmSize;
@@ -246,18 +246,7 @@ impl Engine {
             "destroy the pool VM",
             PodVm::destroy(self.vm_dir(id)).await,
         );
-        self.release_network(id).await;
-        log_failed(
-            id,
-            "release the share dir",
-            self.steps.destroy_share(self.share_path(id)).await,
-        );
-        log_failed(
-            id,
-            "remove the pod dir",
-            remove_tree(self.pod_dir(id)).await,
-        );
-        self.release_scratch(id).await;
+        self.release_host_resources(id).await;
         log_failed(
             id,
             "remove the pool marker",
