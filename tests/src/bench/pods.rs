@@ -250,10 +250,28 @@ pub fn pool_warm_vms(port: u16) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Waits until the default handler's pool holds `n` warm VMs.
-pub async fn wait_pool_warm(port: u16, n: u64) -> anyhow::Result<()> {
+/// [`pool_warm_vms`] of a vesseld inside network namespace `netns`, whose metrics
+/// listen on that namespace's loopback: asked from a thread that joins it.
+fn pool_warm_vms_in(netns: &Path, port: u16) -> Option<u64> {
+    let ns = std::fs::File::open(netns).ok()?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        pool_warm_vms(port)
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// Waits until the default handler's pool holds `n` warm VMs (vesseld in `netns`,
+/// or in the harness's own namespace).
+pub async fn wait_pool_warm(netns: Option<&Path>, port: u16, n: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while pool_warm_vms(port) != Some(n) {
+    let warm = || match netns {
+        Some(ns) => pool_warm_vms_in(ns, port),
+        None => pool_warm_vms(port),
+    };
+    while warm() != Some(n) {
         if Instant::now() > deadline {
             bail!("the warm pool never held {n} VMs");
         }

@@ -114,6 +114,8 @@ pub fn format_value(unit: Unit, value: f64) -> String {
 /// `a / b` as "1.23×", or "–" without both.
 pub fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
+        // Small ratios (a warm pool against a boot) keep a significant digit.
+        (Some(a), Some(b)) if b > 0.0 && a / b < 0.1 => format!("{:.3}×", a / b),
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
         _ => "–".to_owned(),
     }
