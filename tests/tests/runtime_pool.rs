@@ -4,16 +4,15 @@
 
 mod runtime_common;
 
-use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use runtime_common::*;
+use vessel_tests::bench::pods::pool_warm_vms;
 use vessel_tests::cri::CriClient;
 use vessel_tests::daemon::TestDaemon;
 use vessel_tests::registry::TestRegistry;
-use vessel_tests::testimages;
 
 /// How long a pool VM may take to boot on a loaded TCG machine.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
@@ -29,55 +28,23 @@ fn free_port() -> u16 {
 /// A vesseld with a pool of one default-handler VM, its metrics on `metrics_port`,
 /// busybox pulled. None when no guest was built (skipped with a message).
 async fn setup_pool(metrics_port: u16) -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
-    let guest = guest_dir();
-    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
-    if !kernel.is_file() || !initrd.is_file() {
-        vessel_tests::skip_vm_or_fail(&format!(
-            "no guest in {} (scripts/build-guest.sh builds it)",
-            guest.display()
-        ));
-        return None;
-    }
-    let reg = TestRegistry::start().unwrap();
-    let extra = format!(
-        "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = 256\n\
-         pool_size = 1\n\n[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n",
-        kernel.display().to_string(),
-        initrd.display().to_string()
-    );
-    let d = TestDaemon::start_with(&extra).unwrap();
-    d.write_hosts_toml(&reg.addr(), &reg.url()).unwrap();
-    let mut c = d.client().await.unwrap();
-    let img = testimages::push_busybox(&reg, "pool/busybox:1")
-        .await
-        .unwrap();
-    c.pull(&img.reference).await.unwrap();
-    Some((reg, d, c, img.reference))
-}
-
-/// `vessel_pool_warm_vms` of the default handler from vesseld's /metrics.
-fn warm_gauge(port: u16) -> Option<u64> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find(|l| l.starts_with("vessel_pool_warm_vms{handler=\"default\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    setup_with(
+        &format!("pool_size = 1\n\n[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n"),
+        "pool/busybox:1",
+    )
+    .await
 }
 
 async fn wait_warm(d: &TestDaemon, port: u16, want: u64) {
     let deadline = Instant::now() + BOOT_LIMIT;
     loop {
-        if warm_gauge(port) == Some(want) {
+        if pool_warm_vms(port) == Some(want) {
             return;
         }
         assert!(
             Instant::now() < deadline,
             "pool never reached {want} warm VMs (gauge {:?}); log:\n{}",
-            warm_gauge(port),
+            pool_warm_vms(port),
             d.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -229,7 +196,7 @@ async fn pods_come_from_the_pool_which_refills_and_replaces_its_dead() {
     let deadline = Instant::now() + BOOT_LIMIT;
     loop {
         let ids = pool_ids(&d);
-        if warm_gauge(port) == Some(1) && !ids.contains(&next_id) && ids.len() == 1 {
+        if pool_warm_vms(port) == Some(1) && !ids.contains(&next_id) && ids.len() == 1 {
             break;
         }
         assert!(

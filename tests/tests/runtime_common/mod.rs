@@ -22,6 +22,20 @@ pub fn guest_dir() -> PathBuf {
 /// A registry with busybox pushed and pulled into a vesseld whose guest is the
 /// built one. None (test skipped, with a message) when no guest was built.
 pub async fn setup() -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
+    setup_with(
+        "\n[runtimes.small]\nvcpus = 1\nmemory_mib = 192\n\n\
+         [runtimes.broken]\nkernel = \"/nonexistent/vmlinux\"\n",
+        "runtime/busybox:1",
+    )
+    .await
+}
+
+/// [`setup`] with `more_config` after the default handler's table (more of its
+/// keys, then other tables) and busybox pushed as `image`.
+pub async fn setup_with(
+    more_config: &str,
+    image: &str,
+) -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
     let guest = guest_dir();
     let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
     if !kernel.is_file() || !initrd.is_file() {
@@ -33,18 +47,14 @@ pub async fn setup() -> Option<(TestRegistry, TestDaemon, CriClient, String)> {
     }
     let reg = TestRegistry::start().unwrap();
     let extra = format!(
-        "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = 256\n\n\
-         [runtimes.small]\nvcpus = 1\nmemory_mib = 192\n\n\
-         [runtimes.broken]\nkernel = \"/nonexistent/vmlinux\"\n",
+        "[guest]\nkernel = {:?}\ninitrd = {:?}\n\n[runtimes.default]\nvcpus = 1\nmemory_mib = 256\n{more_config}",
         kernel.display().to_string(),
         initrd.display().to_string()
     );
     let d = TestDaemon::start_with(&extra).unwrap();
     d.write_hosts_toml(&reg.addr(), &reg.url()).unwrap();
     let mut c = d.client().await.unwrap();
-    let img = testimages::push_busybox(&reg, "runtime/busybox:1")
-        .await
-        .unwrap();
+    let img = testimages::push_busybox(&reg, image).await.unwrap();
     c.pull(&img.reference).await.unwrap();
     Some((reg, d, c, img.reference))
 }
