@@ -7,7 +7,7 @@
 #
 # Both files are reproducible byte for byte (fixed build timestamp, user and host for
 # the kernel; sorted entries, fixed mtimes and owners for the initrd). The kernel is
-# compiled once per (source package, config fragment, kernel build steps) and kept in
+# compiled once per (source package, config fragment, patches, kernel build steps) and kept in
 # build/cache/kernel-<key>; nothing is rebuilt when the inputs are unchanged.
 # Needs: apt-get, dpkg-deb, xz, a C toolchain with bc, bison, flex and libelf (the
 # kernel build), cpio, strip, cargo.
@@ -47,8 +47,12 @@ fi
 # key, so changing how the kernel is built rebuilds it; the rest of the script is not.
 deb_hash=$(hash "$deb")
 fragment_hash=$(hash "$fragment")
+# vessel's own kernel changes, applied in name order (guest/patches/*.patch).
+patches=("$repo"/guest/patches/*.patch)
+patches_hash=$(cat "${patches[@]}" | sha256sum | cut -d' ' -f1)
 kernel_steps_hash=$(sed -n '/^# --- 2\. the kernel/,/^# --- 3\./p' "$0" | sha256sum | cut -d' ' -f1)
-kernel_key=$(printf '%s %s %s' "$deb_hash" "$fragment_hash" "$kernel_steps_hash" | sha256sum | cut -c1-16)
+kernel_key=$(printf '%s %s %s %s' "$deb_hash" "$fragment_hash" "$patches_hash" "$kernel_steps_hash" |
+  sha256sum | cut -c1-16)
 kdir="$cache/kernel-$kernel_key"
 if [ ! -f "$kdir/vmlinux" ]; then
   log "building the guest kernel from $(basename "$deb") (a few minutes)"
@@ -58,6 +62,9 @@ if [ ! -f "$kdir/vmlinux" ]; then
   dpkg-deb --fsys-tarfile "$deb" | tar -xO --wildcards './usr/src/linux-source-*.tar.xz' |
     xz -dc | tar -x -C "$kwork"
   ksrc=$(ls -d "$kwork"/linux-source-* | head -n1)
+  for p in "${patches[@]}"; do
+    patch -s -p1 -d "$ksrc" <"$p" || { log "patch $(basename "$p") does not apply"; exit 1; }
+  done
   # Fixed identity and time: the same inputs give the same vmlinux.
   # (the time stamp is the source tarball's, from the package)
   KBUILD_BUILD_TIMESTAMP="$(dpkg-deb -c "$deb" | awk '/linux-source-.*\.tar\.xz$/ { print $4 " " $5 " UTC"; exit }')"

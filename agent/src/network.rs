@@ -161,46 +161,28 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
             .iter()
             .find(|(_, _, m)| *m == now)
             .ok_or_else(|| NetError::NoSuchMac(current.clone()))?;
-        // Renaming needs the link down.
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(*index).down().build())
-            .execute()
-            .await?;
-        if now != mac {
+        let rename = !iface.name.is_empty() && iface.name != *name;
+        // A rename (and a MAC change, on a NIC without live address change) needs
+        // the link down first. The rest goes in one message: the kernel applies
+        // address, MTU and name before the flags, so the link comes up renamed.
+        if rename || now != mac {
             handle
                 .link()
-                .set(
-                    LinkUnspec::new_with_index(*index)
-                        .address(mac.clone())
-                        .build(),
-                )
+                .set(LinkUnspec::new_with_index(*index).down().build())
                 .execute()
                 .await?;
         }
-        if !iface.name.is_empty() && iface.name != *name {
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(*index)
-                        .name(iface.name.clone())
-                        .build(),
-                )
-                .execute()
-                .await?;
+        let mut change = LinkUnspec::new_with_index(*index).up();
+        if now != mac {
+            change = change.address(mac.clone());
+        }
+        if rename {
+            change = change.name(iface.name.clone());
         }
         if iface.mtu > 0 {
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(*index).mtu(iface.mtu).build())
-                .execute()
-                .await?;
+            change = change.mtu(iface.mtu);
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(*index).up().build())
-            .execute()
-            .await?;
+        handle.link().set(change.build()).execute().await?;
         for a in &iface.addresses {
             let ip: IpAddr = a
                 .address

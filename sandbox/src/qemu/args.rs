@@ -26,13 +26,21 @@ const TCG_CODE_CACHE_MIB: u32 = 32;
 /// resets at once.
 const BASE_CMDLINE: &str = "quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0";
 
-/// The kernel command line: TSC hints under TCG, the base arguments, then extras.
+/// Kernel arguments under TCG, whose CPU has no TSC deadline timer: the local APIC
+/// timer's rate (QEMU's runs at 1 GHz; vessel's guest kernel takes it from
+/// `vessel.lapic_khz`, guest/patches/) instead of a ~100 ms calibration against the
+/// PIT, and no check that the PIT's interrupt arrives (QEMU's does; ~45 ms).
+const TCG_TIMER_CMDLINE: &str = "vessel.lapic_khz=1000000 no_timer_check";
+
+/// The kernel command line: TSC and timer hints under TCG, the base arguments, then
+/// extras.
 pub fn kernel_cmdline(accel: ResolvedAccel, tsc_khz: Option<u64>, extra: &[String]) -> String {
     let mut parts = Vec::new();
     if accel == ResolvedAccel::Tcg {
         if let Some(khz) = tsc_khz {
             parts.push(format!("tsc_early_khz={khz} tsc=reliable"));
         }
+        parts.push(TCG_TIMER_CMDLINE.to_string());
     }
     parts.push(BASE_CMDLINE.to_string());
     parts.extend(extra.iter().cloned());
@@ -271,7 +279,7 @@ mod tests {
         assert_eq!(value_of(&a, "-initrd"), ["/g/initrd.img"]);
         assert_eq!(
             value_of(&a, "-append"),
-            ["tsc_early_khz=2596156 tsc=reliable quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0 foo=bar"]
+            ["tsc_early_khz=2596156 tsc=reliable vessel.lapic_khz=1000000 no_timer_check quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0 foo=bar"]
         );
         assert_eq!(
             value_of(&a, "-qmp"),
@@ -369,7 +377,7 @@ mod tests {
         );
         assert_eq!(
             value_of(&a, "-append"),
-            ["quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0 foo=bar"]
+            ["vessel.lapic_khz=1000000 no_timer_check quiet cryptomgr.notests panic=-1 reboot=t console=ttyS0 foo=bar"]
         );
     }
 

@@ -6,6 +6,7 @@
 pub mod agentcalls;
 pub mod channel;
 pub mod floor;
+pub mod guestforks;
 pub mod janitor;
 pub mod listing;
 pub mod machine;

@@ -12,8 +12,8 @@ use super::memory::{pss_of, Pss};
 use super::stats::{Samples, Unit};
 use super::table::{format_value, ratio};
 use super::{
-    agentcalls, channel, floor, listing, machine, peer, peer_cri, pods, streams, Options, Plan,
-    SharedTable,
+    agentcalls, channel, floor, guestforks, listing, machine, peer, peer_cri, pods, streams,
+    Options, Plan, SharedTable,
 };
 use crate::cri::CriClient;
 use crate::daemon::TestDaemon;
@@ -206,6 +206,9 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
         }
         None => per_call.push((what, Samples::from_values([calls.total() as f64]), calls)),
     };
+    // Guest forks by CRI call (label as the agent-call row's), once the probe runs.
+    let mut forks: Vec<(String, Samples)> = Vec::new();
+    let mut probe: Option<guestforks::Probe> = None;
     macro_rules! counted {
         ($what:literal, $call:expr) => {{
             let before = agentcalls::fetch(&addr).await?;
@@ -218,6 +221,15 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
                 false => calls.without("Health"),
             };
             record($what, calls);
+            // After the agent calls were read: the probe's ExecSync is not the call's.
+            if let Some(p) = probe.as_mut() {
+                let n = p.since_last(&mut c).await? as f64;
+                let label = $what.replace("agent calls", "guest forks");
+                match forks.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, samples)) => samples.push(n),
+                    None => forks.push((label, Samples::from_values([n]))),
+                }
+            }
             out
         }};
     }
@@ -226,6 +238,12 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
         "2. agent calls per RunPodSandbox",
         pods::run_pod(&mut c, config.clone()).await?
     );
+    let probe_config = pods::sleeper_config("forks-probe", &env.busybox);
+    let (probe_id, _) = pods::create_and_start(&mut c, &pod, &config, probe_config.clone()).await?;
+    pods::wait_ready(&config, &probe_config).await?;
+    let p = guestforks::Probe::new(&mut c, &probe_id).await?;
+    let per_read = p.per_read();
+    probe = Some(p);
     for i in 0..env.plan.containers {
         let ctr_config = pods::sleeper_config(&format!("calls{i}"), &env.busybox);
         let id = counted!(
@@ -268,6 +286,10 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
             pods::remove_container(&mut c, &id).await?
         );
     }
+    // The pod is torn down empty, as without the probe.
+    probe = None;
+    pods::stop_container(&mut c, &probe_id, 10).await?;
+    pods::remove_container(&mut c, &probe_id).await?;
     counted!(
         "3. agent calls per StopPodSandbox + RemovePodSandbox",
         pods::stop_and_remove_pod(&mut c, &pod).await?
@@ -278,6 +300,16 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
             Unit::Count,
             samples,
             format!("last: {}", last.describe()),
+        );
+    }
+    for (what, samples) in forks {
+        env.add(
+            &what,
+            Unit::Count,
+            samples,
+            format!(
+                "/proc/stat processes, read by a probe container (its {per_read} per read taken off)"
+            ),
         );
     }
     drop(c);
