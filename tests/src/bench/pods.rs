@@ -46,6 +46,20 @@ pub fn sleeper_config(name: &str, image: &str) -> cri::ContainerConfig {
     }
 }
 
+/// A busybox container that forks nothing once started (it logs `ready`, then `sleep`
+/// replaces the shell), so it does not disturb a count of the guest's forks. As PID 1
+/// it ignores SIGTERM: stop it with a timeout of 0.
+pub fn idle_config(name: &str, image: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo ready; exec sleep 86400".into(),
+        ],
+        ..sleeper_config(name, image)
+    }
+}
+
 /// Waits until the container's CRI log shows `ready` (its TERM trap is set: a
 /// SIGTERM before that would be ignored by PID 1).
 pub async fn wait_ready(

@@ -183,7 +183,8 @@ pub async fn run(opts: Options, janitor: Arc<Janitor>, table: SharedTable) -> an
 /// vesseld's `/metrics` before and after the call. A call counts when it ends:
 /// those a CRI call sets off in the background (log pumps) count for it if done
 /// within [`CALLS_SETTLE`]; the exit watch's WaitProcess counts for the call
-/// that ends the process.
+/// that ends the process. Guest forks are counted the same way (module
+/// `guestforks`); the containers here are idle ones, stopped with SIGKILL.
 async fn round_trips(env: &Env) -> anyhow::Result<()> {
     let (mut d, _) = env.daemon(None).await?;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -238,14 +239,15 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
         "2. agent calls per RunPodSandbox",
         pods::run_pod(&mut c, config.clone()).await?
     );
-    let probe_config = pods::sleeper_config("forks-probe", &env.busybox);
+    let probe_config = pods::idle_config("forks-probe", &env.busybox);
     let (probe_id, _) = pods::create_and_start(&mut c, &pod, &config, probe_config.clone()).await?;
     pods::wait_ready(&config, &probe_config).await?;
     let p = guestforks::Probe::new(&mut c, &probe_id).await?;
     let per_read = p.per_read();
     probe = Some(p);
     for i in 0..env.plan.containers {
-        let ctr_config = pods::sleeper_config(&format!("calls{i}"), &env.busybox);
+        // Idle containers: a sleeper's loop would fork in the background.
+        let ctr_config = pods::idle_config(&format!("calls{i}"), &env.busybox);
         let id = counted!(
             "3. agent calls per CreateContainer",
             c.runtime
@@ -279,7 +281,7 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
         }
         counted!(
             "3. agent calls per StopContainer",
-            pods::stop_container(&mut c, &id, 10).await?
+            pods::stop_container(&mut c, &id, 0).await?
         );
         counted!(
             "3. agent calls per RemoveContainer",
@@ -288,7 +290,7 @@ async fn round_trips(env: &Env) -> anyhow::Result<()> {
     }
     // The pod is torn down empty, as without the probe.
     probe = None;
-    pods::stop_container(&mut c, &probe_id, 10).await?;
+    pods::stop_container(&mut c, &probe_id, 0).await?;
     pods::remove_container(&mut c, &probe_id).await?;
     counted!(
         "3. agent calls per StopPodSandbox + RemovePodSandbox",
