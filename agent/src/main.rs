@@ -64,8 +64,8 @@ async fn serve(pid1: bool) -> anyhow::Result<()> {
     if pid1 {
         // Not awaited: readiness does not wait on it.
         tokio::spawn(async {
-            if let Err(e) = network::loopback_up().await {
-                log::warn(&format!("cannot bring lo up: {e}"));
+            if let Err(e) = network::links_up().await {
+                log::warn(&format!("cannot bring the interfaces up: {e}"));
             }
         });
     }

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use vessel_proto::agent as pb;
 
@@ -93,7 +93,15 @@ pub fn render_hosts(hostname: &str, entries: &[pb::HostEntry]) -> String {
     s
 }
 
-async fn links(handle: &Handle) -> Result<Vec<(u32, String, Vec<u8>)>, NetError> {
+/// A guest network interface as the kernel lists it.
+struct Link {
+    index: u32,
+    name: String,
+    mac: Vec<u8>,
+    up: bool,
+}
+
+async fn links(handle: &Handle) -> Result<Vec<Link>, NetError> {
     let mut out = Vec::new();
     let mut stream = handle.link().get().execute();
     while let Some(msg) = stream.try_next().await? {
@@ -106,7 +114,12 @@ async fn links(handle: &Handle) -> Result<Vec<(u32, String, Vec<u8>)>, NetError>
                 _ => {}
             }
         }
-        out.push((msg.header.index, name, mac));
+        out.push(Link {
+            index: msg.header.index,
+            name,
+            mac,
+            up: msg.header.flags.contains(LinkFlags::Up),
+        });
     }
     Ok(out)
 }
@@ -120,35 +133,40 @@ pub async fn configure(req: &pb::ConfigureNetworkRequest) -> Result<(), NetError
     write_files(req)
 }
 
-/// Brings the loopback interface up: a pod without a network (no CNI) still has
-/// 127.0.0.1, which port-forward connects to.
-pub async fn loopback_up() -> Result<(), NetError> {
+/// Brings every interface up at boot: the loopback (a pod without a network still
+/// has 127.0.0.1, which port-forward connects to) and the NIC, whose opening
+/// (receive buffers, IPv6 set-up) then costs nothing when the pod's network is
+/// configured: that is on the path of RunPodSandbox, above all for a pool VM.
+/// Without addresses the NIC carries nothing but link-local traffic.
+pub async fn links_up() -> Result<(), NetError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(conn);
-    let result = set_loopback_up(&handle).await;
+    let result = set_all_up(&handle).await;
     task.abort();
     result
 }
 
-async fn set_loopback_up(handle: &Handle) -> Result<(), NetError> {
-    set_lo_up(handle, &links(handle).await?).await
-}
-
-/// Sets `lo` (found in `all`, the links' index, name, MAC) up.
-async fn set_lo_up(handle: &Handle, all: &[(u32, String, Vec<u8>)]) -> Result<(), NetError> {
-    if let Some((lo, _, _)) = all.iter().find(|(_, n, _)| n == "lo") {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(*lo).up().build())
-            .execute()
-            .await?;
+async fn set_all_up(handle: &Handle) -> Result<(), NetError> {
+    for link in links(handle).await?.iter().filter(|l| !l.up) {
+        set_up(handle, link.index).await?;
     }
     Ok(())
 }
 
+async fn set_up(handle: &Handle, index: u32) -> Result<(), NetError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await?;
+    Ok(())
+}
+
 async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(), NetError> {
-    let all = links(handle).await?;
-    set_lo_up(handle, &all).await?;
+    let mut all = links(handle).await?;
+    if let Some(lo) = all.iter().find(|l| l.name == "lo" && !l.up) {
+        set_up(handle, lo.index).await?;
+    }
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
         let current = if iface.current_mac.is_empty() {
@@ -157,32 +175,42 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
             &iface.current_mac
         };
         let now = parse_mac(current)?;
-        let (index, name, _) = all
-            .iter()
-            .find(|(_, _, m)| *m == now)
+        let link = all
+            .iter_mut()
+            .find(|l| l.mac == now)
             .ok_or_else(|| NetError::NoSuchMac(current.clone()))?;
-        let rename = !iface.name.is_empty() && iface.name != *name;
-        // A rename (and a MAC change, on a NIC without live address change) needs
-        // the link down first. The rest goes in one message: the kernel applies
-        // address, MTU and name before the flags, so the link comes up renamed.
-        if rename || now != mac {
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(*index).down().build())
-                .execute()
-                .await?;
+        let index = link.index;
+        let rename = !iface.name.is_empty() && iface.name != link.name;
+        // One message sets MAC, MTU, name and up: the kernel applies address, MTU
+        // and name before the flags. A rename needs the link down first; a MAC
+        // change is tried live (virtio-net supports it), else made with it down.
+        let change = || {
+            let mut c = LinkUnspec::new_with_index(index).up();
+            if now != mac {
+                c = c.address(mac.clone());
+            }
+            if rename {
+                c = c.name(iface.name.clone());
+            }
+            if iface.mtu > 0 {
+                c = c.mtu(iface.mtu);
+            }
+            c.build()
+        };
+        if rename && link.up {
+            set_down(handle, index).await?;
         }
-        let mut change = LinkUnspec::new_with_index(*index).up();
-        if now != mac {
-            change = change.address(mac.clone());
+        match handle.link().set(change()).execute().await {
+            Err(_) if !rename && now != mac && link.up => {
+                set_down(handle, index).await?;
+                handle.link().set(change()).execute().await?;
+            }
+            r => r?,
         }
+        link.up = true;
         if rename {
-            change = change.name(iface.name.clone());
+            link.name = iface.name.clone();
         }
-        if iface.mtu > 0 {
-            change = change.mtu(iface.mtu);
-        }
-        handle.link().set(change.build()).execute().await?;
         for a in &iface.addresses {
             let ip: IpAddr = a
                 .address
@@ -197,13 +225,12 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
             }
             handle
                 .address()
-                .add(*index, ip, a.prefix_len as u8)
+                .add(index, ip, a.prefix_len as u8)
                 .replace()
                 .execute()
                 .await?;
         }
     }
-    let all = links(handle).await?;
     for r in &req.routes {
         let gateway = if r.gateway.is_empty() {
             None
@@ -224,17 +251,26 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
                 .map_err(|e| NetError::Invalid(e.to_string()))?;
         }
         if !r.device.is_empty() {
-            let (idx, _, _) = all
+            let link = all
                 .iter()
-                .find(|(_, n, _)| *n == r.device)
+                .find(|l| l.name == r.device)
                 .ok_or_else(|| NetError::NoSuchDevice(r.device.clone()))?;
-            b = b.output_interface(*idx);
+            b = b.output_interface(link.index);
         }
         if r.metric > 0 {
             b = b.priority(r.metric);
         }
         handle.route().add(b.build()).replace().execute().await?;
     }
+    Ok(())
+}
+
+async fn set_down(handle: &Handle, index: u32) -> Result<(), NetError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).down().build())
+        .execute()
+        .await?;
     Ok(())
 }
 
