@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use vessel_proto::agent as pb;
 
@@ -99,6 +99,8 @@ struct Link {
     name: String,
     mac: Vec<u8>,
     up: bool,
+    /// A virtual device (it names its kind: dummy, bridge, …), not a NIC.
+    is_virtual: bool,
 }
 
 async fn links(handle: &Handle) -> Result<Vec<Link>, NetError> {
@@ -107,10 +109,14 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, NetError> {
     while let Some(msg) = stream.try_next().await? {
         let mut name = String::new();
         let mut mac = Vec::new();
+        let mut is_virtual = false;
         for a in &msg.attributes {
             match a {
                 LinkAttribute::IfName(n) => name = n.clone(),
                 LinkAttribute::Address(m) => mac = m.clone(),
+                LinkAttribute::LinkInfo(info) => {
+                    is_virtual |= info.iter().any(|i| matches!(i, LinkInfo::Kind(_)))
+                }
                 _ => {}
             }
         }
@@ -119,6 +125,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, NetError> {
             name,
             mac,
             up: msg.header.flags.contains(LinkFlags::Up),
+            is_virtual,
         });
     }
     Ok(out)
@@ -133,7 +140,7 @@ pub async fn configure(req: &pb::ConfigureNetworkRequest) -> Result<(), NetError
     write_files(req)
 }
 
-/// Brings every interface up at boot: the loopback (a pod without a network still
+/// Brings the interfaces up at boot: the loopback (a pod without a network still
 /// has 127.0.0.1, which port-forward connects to) and the NIC, whose opening
 /// (receive buffers, IPv6 set-up) then costs nothing when the pod's network is
 /// configured: that is on the path of RunPodSandbox, above all for a pool VM.
@@ -147,25 +154,29 @@ pub async fn links_up() -> Result<(), NetError> {
 }
 
 async fn set_all_up(handle: &Handle) -> Result<(), NetError> {
-    for link in links(handle).await?.iter().filter(|l| !l.up) {
-        set_up(handle, link.index).await?;
+    // Not the kernel's own virtual devices (dummy0): they stay down, as on a node.
+    for link in links(handle)
+        .await?
+        .iter()
+        .filter(|l| !l.up && !l.is_virtual)
+    {
+        set_state(handle, link.index, true).await?;
     }
     Ok(())
 }
 
-async fn set_up(handle: &Handle, index: u32) -> Result<(), NetError> {
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await?;
+/// Sets link `index` up (`true`) or down.
+async fn set_state(handle: &Handle, index: u32, up: bool) -> Result<(), NetError> {
+    let link = LinkUnspec::new_with_index(index);
+    let link = if up { link.up() } else { link.down() };
+    handle.link().set(link.build()).execute().await?;
     Ok(())
 }
 
 async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(), NetError> {
     let mut all = links(handle).await?;
     if let Some(lo) = all.iter().find(|l| l.name == "lo" && !l.up) {
-        set_up(handle, lo.index).await?;
+        set_state(handle, lo.index, true).await?;
     }
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
@@ -198,11 +209,11 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
             c.build()
         };
         if rename && link.up {
-            set_down(handle, index).await?;
+            set_state(handle, index, false).await?;
         }
         match handle.link().set(change()).execute().await {
             Err(_) if !rename && now != mac && link.up => {
-                set_down(handle, index).await?;
+                set_state(handle, index, false).await?;
                 handle.link().set(change()).execute().await?;
             }
             r => r?,
@@ -262,15 +273,6 @@ async fn apply(handle: &Handle, req: &pb::ConfigureNetworkRequest) -> Result<(),
         }
         handle.route().add(b.build()).replace().execute().await?;
     }
-    Ok(())
-}
-
-async fn set_down(handle: &Handle, index: u32) -> Result<(), NetError> {
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).down().build())
-        .execute()
-        .await?;
     Ok(())
 }
 
