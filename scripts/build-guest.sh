@@ -48,8 +48,10 @@ fi
 deb_hash=$(hash "$deb")
 fragment_hash=$(hash "$fragment")
 # vessel's own kernel changes, applied in name order (guest/patches/*.patch).
+shopt -s nullglob
 patches=("$repo"/guest/patches/*.patch)
-patches_hash=$(cat "${patches[@]}" | sha256sum | cut -d' ' -f1)
+shopt -u nullglob
+patches_hash=$(cat /dev/null "${patches[@]}" | sha256sum | cut -d' ' -f1)
 kernel_steps_hash=$(sed -n '/^# --- 2\. the kernel/,/^# --- 3\./p' "$0" | sha256sum | cut -d' ' -f1)
 kernel_key=$(printf '%s %s %s %s' "$deb_hash" "$fragment_hash" "$patches_hash" "$kernel_steps_hash" |
   sha256sum | cut -c1-16)

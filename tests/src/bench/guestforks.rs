@@ -4,8 +4,7 @@
 //! each call; the reads' own forks are measured first (two reads back to back) and
 //! taken off.
 
-use anyhow::{bail, Context as _};
-use k8s_cri::v1 as cri;
+use anyhow::Context as _;
 
 use crate::cri::CriClient;
 
@@ -61,20 +60,8 @@ impl Probe {
 }
 
 async fn read(c: &mut CriClient, container_id: &str) -> anyhow::Result<u64> {
-    let r = c
-        .runtime
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: container_id.into(),
-            cmd: vec!["cat".into(), "/proc/stat".into()],
-            timeout: 30,
-        })
-        .await
-        .context("ExecSync cat /proc/stat")?
-        .into_inner();
-    if r.exit_code != 0 {
-        bail!("cat /proc/stat in the probe exited {}", r.exit_code);
-    }
-    forks_since_boot(&String::from_utf8_lossy(&r.stdout))
+    let stat = super::pods::exec_output(c, container_id, &["cat", "/proc/stat"]).await?;
+    forks_since_boot(&String::from_utf8_lossy(&stat))
         .context("no `processes` line in the guest's /proc/stat")
 }
 

@@ -233,6 +233,12 @@ pub async fn remove_container(c: &mut CriClient, id: &str) -> anyhow::Result<Dur
 /// ExecSync of `cmd`; wall time. A non-zero exit is an error.
 pub async fn exec_sync(c: &mut CriClient, id: &str, cmd: &[&str]) -> anyhow::Result<Duration> {
     let t = Instant::now();
+    exec_output(c, id, cmd).await?;
+    Ok(t.elapsed())
+}
+
+/// ExecSync of `cmd`; its stdout. A non-zero exit is an error.
+pub async fn exec_output(c: &mut CriClient, id: &str, cmd: &[&str]) -> anyhow::Result<Vec<u8>> {
     let r = c
         .runtime
         .exec_sync(cri::ExecSyncRequest {
@@ -243,11 +249,10 @@ pub async fn exec_sync(c: &mut CriClient, id: &str, cmd: &[&str]) -> anyhow::Res
         .await
         .context("ExecSync")?
         .into_inner();
-    let elapsed = t.elapsed();
     if r.exit_code != 0 {
         bail!("ExecSync {cmd:?} exited {}", r.exit_code);
     }
-    Ok(elapsed)
+    Ok(r.stdout)
 }
 
 /// `vessel_pool_warm_vms` of the default handler on vesseld's /metrics at `port`.
