@@ -6,6 +6,7 @@
 
 mod error;
 mod exportns;
+pub mod overlay;
 pub mod rootfs;
 pub mod scratch;
 pub mod sharedir;

@@ -1,29 +1,19 @@
-//! Container rootfs assembly from layer snapshots: the overlay lower list as the
-//! guest sees it through the share dir, and reading files of the merged view on
-//! the host (e.g. `/etc/passwd`) without mounting anything.
+//! Reading files of an image's merged view on the host (e.g. `/etc/passwd`)
+//! straight from its layer snapshots, without mounting anything.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-/// Guest paths of `layers` (host dirs under one snapshot root, bottom→top) as
-/// overlay lowerdirs (top-most first), given where the guest sees that root.
-pub fn guest_lowerdirs(layers: &[PathBuf], guest_layers_dir: &str) -> Vec<String> {
-    layers
-        .iter()
-        .rev()
-        .filter_map(|l| l.file_name())
-        .map(|name| format!("{guest_layers_dir}/{}", name.to_string_lossy()))
-        .collect()
-}
 
 /// True for an overlay whiteout (a 0/0 character device).
 fn is_whiteout(meta: &std::fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0
 }
 
-/// Largest file [`read_merged_file`] reads (an image's /etc/passwd or /etc/group).
-pub const MAX_MERGED_FILE: u64 = 4 << 20;
+/// Largest file [`read_merged_file`] reads (an image's /etc/passwd or /etc/group):
+/// a group file listing a user in 200,000 groups takes ~5 MiB, and must be read to
+/// be refused rather than silently ignored.
+pub const MAX_MERGED_FILE: u64 = 16 << 20;
 
 /// Reads `rel` (e.g. "etc/passwd") from the merged view of `layers` (bottom→top):
 /// the top-most layer that has it wins, a whiteout or a non-directory parent above
@@ -64,18 +54,6 @@ pub fn read_merged_file(layers: &[PathBuf], rel: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lowerdirs_are_top_first() {
-        let layers = vec![PathBuf::from("/s/aaa"), PathBuf::from("/s/bbb")];
-        assert_eq!(
-            guest_lowerdirs(&layers, "/run/vessel/share/layers"),
-            vec![
-                "/run/vessel/share/layers/bbb",
-                "/run/vessel/share/layers/aaa"
-            ]
-        );
-    }
 
     #[test]
     fn merged_reads_honour_order_and_whiteouts() {

@@ -14,8 +14,12 @@
 //! Layout of both trees:
 //! - `pod/`: pod-wide files (hosts, resolv.conf, hostname), read-only to the guest
 //!   (the agent copies them into guest memory for containers to write).
-//! - `layers/<chain id>`: a read-only bind of each image layer a container of this
-//!   pod uses; a pod VM sees no other image's content.
+//! - `images/<top chain id>`: the merged, read-only rootfs of each image a
+//!   container of this pod uses: one overlayfs mount of the image's layers (a bind
+//!   of the layer for a one-layer image). A pod VM sees no other image's content,
+//!   and an image costs the same mounts whatever its layer count.
+//! - `layers/<chain id>`: one read-only bind per layer, made by older vesselds for
+//!   pods that still run; only torn down now.
 //! - `ctr/<container id>/<n>`: one bind mount per container volume, attached only
 //!   in virtiofsd's mount namespace ([`crate::exportns`]): a copy in the host's
 //!   would pin the host mounts below the volume's source. Here it is an empty
@@ -326,7 +330,7 @@ impl ShareDir {
             mount_change(&host, MountPropagationFlags::SHARED)
                 .map_err(io_err("make-shared", &host))?;
         }
-        for sub in ["pod", "layers", "ctr"] {
+        for sub in ["pod", "images", "layers", "ctr"] {
             private_dir(&host.join(sub))?;
         }
         let export = share.export_path();
@@ -369,34 +373,56 @@ impl ShareDir {
         Ok(format!("pod/{name}"))
     }
 
-    /// Exposes one layer snapshot dir read-only at `layers/<its name>`; idempotent.
-    /// Callers serialize calls for one share dir. Returns the path relative to the
-    /// exported tree.
-    pub fn expose_layer(&self, layer_dir: &Path) -> Result<String, StorageError> {
-        let name = layer_dir
+    /// Exposes an image's merged rootfs read-only at `images/<top layer's name>`
+    /// from its layer snapshot dirs (bottom→top); idempotent. Whatever the layer
+    /// count, that is one mount here (with its copy in the export tree and in
+    /// virtiofsd's namespace). Callers serialize calls for one share dir. Returns
+    /// the path relative to the exported tree, None for an image without layers.
+    pub fn expose_image(&self, layer_dirs: &[PathBuf]) -> Result<Option<String>, StorageError> {
+        let Some(top) = layer_dirs.last() else {
+            return Ok(None);
+        };
+        let name = top
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| StorageError::Io {
-                op: "expose layer",
-                path: layer_dir.to_owned(),
+                op: "expose image",
+                path: top.to_owned(),
                 source: std::io::Error::other("a layer dir has a UTF-8 name"),
             })?;
         check_name(name)?;
-        let rel = format!("layers/{name}");
+        let rel = format!("images/{name}");
         let target = self.host().join(&rel);
         if !is_mount_root(&target) {
             private_dir(&target)?;
-            attach_bind(layer_dir, &target, ReadOnly::Top)?;
+            let mounted = if layer_dirs.len() == 1 {
+                attach_bind(top, &target, ReadOnly::Top)
+            } else {
+                crate::overlay::mount_readonly(layer_dirs, &target)
+            };
+            if let Err(e) = mounted {
+                let _ = std::fs::remove_dir(&target);
+                return Err(e);
+            }
         }
-        Ok(rel)
+        Ok(Some(rel))
     }
 
-    /// [`ShareDir::expose_layer`] for each of an image's layers.
-    pub fn expose_layers(&self, layer_dirs: &[PathBuf]) -> Result<(), StorageError> {
-        for dir in layer_dirs {
-            self.expose_layer(dir)?;
+    /// Takes back what [`ShareDir::expose_image`] made for an image (named by
+    /// its top layer dir), e.g. after a CreateContainer that failed; what is gone
+    /// is not an error.
+    pub fn release_image(&self, top_layer_dir: &Path) -> Result<(), StorageError> {
+        let Some(name) = top_layer_dir.file_name().and_then(|n| n.to_str()) else {
+            return Ok(());
+        };
+        check_name(name)?;
+        let target = self.host().join("images").join(name);
+        detach_all(&target)?;
+        match std::fs::remove_dir(&target) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", &target)(e)),
         }
-        Ok(())
     }
 
     /// Bind-mounts a container volume in the mount namespace of `exporter` (a pidfd
@@ -491,6 +517,7 @@ impl ShareDir {
                 detach_entries(&c.path())?;
             }
         }
+        detach_entries(&host.join("images"))?;
         detach_entries(&host.join("layers"))?;
         // Detaching each top mount takes every mount below it along.
         detach_all(&self.export_path())?;
@@ -675,23 +702,25 @@ mod tests {
             std::fs::create_dir_all(snaps.join(layer)).unwrap();
             std::fs::write(snaps.join(layer).join("f"), "layer").unwrap();
         }
+        let abc = [snaps.join("abc")];
         assert_eq!(
-            share.expose_layer(&snaps.join("abc")).unwrap(),
-            "layers/abc"
+            share.expose_image(&abc).unwrap().as_deref(),
+            Some("images/abc")
         );
-        share.expose_layer(&snaps.join("abc")).unwrap();
+        share.expose_image(&abc).unwrap();
+        assert_eq!(share.expose_image(&[]).unwrap(), None);
         assert_eq!(
-            std::fs::read_to_string(export.join("layers/abc/f")).unwrap(),
+            std::fs::read_to_string(export.join("images/abc/f")).unwrap(),
             "layer"
         );
         // Read-only in ours and in virtiofsd's namespace.
-        assert_eq!(fs.read("layers/abc/f").as_deref(), Some("layer"));
-        assert!(std::fs::write(export.join("layers/abc/g"), "x").is_err());
-        assert!(!writable_from_slave_ns(&export.join("layers/abc/g")));
-        assert!(!fs.can_write("layers/abc/g"));
+        assert_eq!(fs.read("images/abc/f").as_deref(), Some("layer"));
+        assert!(std::fs::write(export.join("images/abc/g"), "x").is_err());
+        assert!(!writable_from_slave_ns(&export.join("images/abc/g")));
+        assert!(!fs.can_write("images/abc/g"));
         assert!(!snaps.join("abc/g").exists());
-        // Only the layers asked for are there.
-        assert!(!export.join("layers/other").exists());
+        // Only the images asked for are there.
+        assert!(!export.join("images/other").exists());
 
         // The exported tree itself takes no writes.
         assert!(std::fs::write(export.join("planted"), "x").is_err());
@@ -750,6 +779,73 @@ mod tests {
     /// read-only (plain and recursive). CRI read-only leaves the submount writable,
     /// recursive read-only does not; and the host can unmount the tmpfs and remove
     /// its dir while the volumes are bound.
+    /// Mount points under `dir` in our namespace.
+    fn mounts_at_or_under(dir: &Path) -> usize {
+        mounts_under(&std::fs::canonicalize(dir).unwrap()).len()
+    }
+
+    #[test]
+    fn a_many_layer_image_is_one_overlay() {
+        assert!(is_root(), "this test needs root (mounts)");
+        let tmp = tempfile::tempdir().unwrap();
+        let share = ShareDir::create(&tmp.path().join("share")).unwrap();
+        let _teardown = DestroyOnDrop(share.clone());
+        let export = share.export_path();
+        let Some(fs) = Exporter::start(&share, tmp.path()) else {
+            return;
+        };
+        // Layer i writes its number to `n`, and `f<i>`; the names are as long as a
+        // real snapshot's (64 hex), which passed mount(2)'s page at 44 layers.
+        let snaps = tmp.path().join("snapshots");
+        let layers: Vec<PathBuf> = (0..crate::overlay::MAX_LAYERS)
+            .map(|i| {
+                let d = snaps.join(format!("{i:064x}"));
+                std::fs::create_dir_all(d.join("dir")).unwrap();
+                std::fs::write(d.join("n"), i.to_string()).unwrap();
+                std::fs::write(d.join(format!("f{i}")), "").unwrap();
+                d
+            })
+            .collect();
+        // Layer 2 whites out f0 and makes dir/ opaque over layer 1's dir/old.
+        std::fs::write(layers[1].join("dir/old"), "").unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            layers[2].join("f0"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        rustix::fs::setxattr(
+            layers[2].join("dir"),
+            "trusted.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let before = mounts_at_or_under(tmp.path());
+        for count in [3, 44, 127, crate::overlay::MAX_LAYERS] {
+            let image = &layers[..count];
+            let rel = share.expose_image(image).unwrap().unwrap();
+            let merged = export.join(&rel);
+            let top = (count - 1).to_string();
+            assert_eq!(std::fs::read_to_string(merged.join("n")).unwrap(), top);
+            assert!(merged.join("f1").exists() && merged.join(format!("f{top}")).exists());
+            assert!(!merged.join("f0").exists(), "f0 is whited out");
+            assert!(!merged.join("dir/old").exists(), "dir/ is opaque");
+            assert_eq!(fs.read(&format!("{rel}/n")).as_deref(), Some(top.as_str()));
+            assert!(!fs.can_write(&format!("{rel}/planted")));
+            assert!(std::fs::write(merged.join("planted"), "x").is_err());
+            // One mount in our tree and its copy in the export tree, at any count.
+            assert_eq!(mounts_at_or_under(tmp.path()), before + 2, "{count} layers");
+            share.release_image(image.last().unwrap()).unwrap();
+            assert_eq!(mounts_at_or_under(tmp.path()), before);
+        }
+        let too_many: Vec<PathBuf> = std::iter::repeat_n(layers[0].clone(), 501).collect();
+        assert!(share.expose_image(&too_many).is_err());
+        assert_eq!(mounts_at_or_under(tmp.path()), before);
+    }
+
     #[test]
     fn read_only_volumes_do_not_pin_host_submounts() {
         assert!(is_root(), "this test needs root (mounts)");
