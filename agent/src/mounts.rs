@@ -29,8 +29,8 @@ pub fn mount_overlay(
     for d in [upper, work].iter().filter(|d| !d.is_empty()) {
         std::fs::create_dir_all(d)?;
     }
-    // Each layer is its own bind mount on the host, which virtiofs announces as a
-    // submount: an automount point until something opens it. overlayfs looks its
+    // An image's rootfs is its own mount on the host, which virtiofs announces as
+    // a submount: an automount point until something opens it. overlayfs looks its
     // lowerdirs up without triggering automounts and refuses such a dentry
     // ("filesystem ... not supported"), so open each one first.
     for l in lower {
@@ -45,7 +45,14 @@ pub fn mount_overlay(
         MsFlags::empty(),
         Some(opts.as_str()),
     )
-    .map_err(|e| std::io::Error::other(format!("overlay on {target} ({opts}): {e}")))
+    // The cause first: the host caps the message it reads, and the options can be
+    // long.
+    .map_err(|e| {
+        std::io::Error::other(format!(
+            "{e}: overlay on {target} of {} lower dir(s) ({opts})",
+            lower.len()
+        ))
+    })
 }
 
 /// Creates, as the agent (the VM's root), the mount points of `mounts` that the

@@ -285,11 +285,18 @@ pub fn user(
         if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
             resolved.additional_gids.clear();
         }
+        let mut seen: HashSet<u32> = resolved.additional_gids.iter().copied().collect();
         for g in &sc.supplemental_groups {
             let g = *g as u32;
-            if !resolved.additional_gids.contains(&g) {
+            if seen.insert(g) {
                 resolved.additional_gids.push(g);
             }
+        }
+        if resolved.additional_gids.len() > passwd::NGROUPS_MAX {
+            return Err(UserError::TooManyGroups {
+                user: format!("uid {}", resolved.uid),
+            }
+            .into());
         }
     }
     Ok(resolved)

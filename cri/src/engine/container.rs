@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use prost::Message as _;
 use vessel_proto::{GUEST_POD_FILES_DIR, GUEST_SCRATCH_DIR, GUEST_SHARE_DIR};
-use vessel_storage::rootfs::{guest_lowerdirs, read_merged_file};
+use vessel_storage::rootfs::read_merged_file;
 
 use super::{log_failed, Engine, LivePod, RuntimeError};
 use crate::clock::now_ns;
@@ -172,6 +172,24 @@ impl Engine {
                     "remove the record of a failed container",
                     self.store.remove_container(&id),
                 );
+                // Its image's rootfs goes too, unless another container of the pod
+                // runs from it (the pod lock is held: none can start using it now).
+                let image_in_use = self
+                    .store
+                    .containers_of(&pod.id)
+                    .iter()
+                    .any(|c| c.image_id == image.id);
+                if let (false, Some(top)) = (image_in_use, layers.last().cloned()) {
+                    let share = live.share.clone();
+                    log_failed(
+                        &pod.id,
+                        "release the image rootfs of a failed container",
+                        tokio::task::spawn_blocking(move || share.release_image(&top))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string())),
+                    );
+                }
                 drop(guard);
                 Err(e)
             }
@@ -191,12 +209,13 @@ impl Engine {
         layers: &[std::path::PathBuf],
         userns: Option<crate::userns::PodUserns>,
     ) -> Result<String, RuntimeError> {
-        // Only this image's layers reach the VM; they stay until the pod goes.
+        // Only this image's merged rootfs reaches the VM, one mount whatever its
+        // layer count; it stays until the pod goes (see docs/design.md).
         let (share, dirs) = (live.share.clone(), layers.to_vec());
-        tokio::task::spawn_blocking(move || share.expose_layers(&dirs))
+        let image_rel = tokio::task::spawn_blocking(move || share.expose_image(&dirs))
             .await
-            .map_err(|e| RuntimeError::task("image layer exposure", e))?
-            .map_err(|e| RuntimeError::internal(format!("image layer: {e}")))?;
+            .map_err(|e| RuntimeError::task("image rootfs exposure", e))?
+            .map_err(|e| RuntimeError::internal(format!("image rootfs: {e}")))?;
         let mut volumes = Vec::new();
         for (i, m) in config.mounts.iter().enumerate() {
             if m.container_path.is_empty() || m.host_path.is_empty() {
@@ -251,24 +270,34 @@ impl Engine {
             }
             _ => None,
         };
-        let passwd = String::from_utf8_lossy(passwd);
-        let group = String::from_utf8_lossy(group);
-        let spec = oci::build(&SpecInput {
-            container: config,
-            pod: pod_config,
-            image: image_cfg,
-            passwd: &passwd,
-            group: &group,
-            mounts,
-            pod_files,
-            localhost_seccomp,
-            userns,
-        })
-        .map_err(|e| RuntimeError::invalid(e.to_string()))?;
-        let process_json = serde_json::to_string(&spec.process())
-            .map_err(|e| RuntimeError::internal(format!("process json: {e}")))?;
-        let spec_json = serde_json::to_vec(&spec)
-            .map_err(|e| RuntimeError::internal(format!("spec json: {e}")))?;
+        // The image's /etc/group can be megabytes: user resolution and the spec are
+        // built off the async workers.
+        let passwd = String::from_utf8_lossy(passwd).into_owned();
+        let group = String::from_utf8_lossy(group).into_owned();
+        let (container, pod) = (config.clone(), pod_config.clone());
+        let image = image_cfg.cloned();
+        let built = tokio::task::spawn_blocking(move || {
+            let spec = oci::build(&SpecInput {
+                container: &container,
+                pod: &pod,
+                image: image.as_ref(),
+                passwd: &passwd,
+                group: &group,
+                mounts,
+                pod_files,
+                localhost_seccomp,
+                userns,
+            })
+            .map_err(|e| RuntimeError::invalid(e.to_string()))?;
+            let process_json = serde_json::to_string(&spec.process())
+                .map_err(|e| RuntimeError::internal(format!("process json: {e}")))?;
+            let spec_json = serde_json::to_vec(&spec)
+                .map_err(|e| RuntimeError::internal(format!("spec json: {e}")))?;
+            Ok::<_, RuntimeError>((process_json, spec_json))
+        });
+        let (process_json, spec_json) = built
+            .await
+            .map_err(|e| RuntimeError::task("container spec", e))??;
 
         // The "pod" PID namespace: one whose PID 1 is a pod-level init the agent
         // keeps (the pause container's role), only when asked for explicitly. POD
@@ -289,7 +318,10 @@ impl Engine {
             id: id.to_owned(),
             oci_spec_json: spec_json,
             rootfs: format!("{root}/merged"),
-            overlay_lower: guest_lowerdirs(layers, &format!("{GUEST_SHARE_DIR}/layers")),
+            overlay_lower: image_rel
+                .iter()
+                .map(|rel| format!("{GUEST_SHARE_DIR}/{rel}"))
+                .collect(),
             overlay_upper: format!("{writable}/upper"),
             overlay_work: format!("{writable}/work"),
             stdin: config.stdin,
