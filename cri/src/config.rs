@@ -63,6 +63,13 @@ pub struct ImageConfig {
     pub min_download_rate_kib: u64,
     /// The window (seconds) the rate is averaged over; a manifest fetch may take two.
     pub download_rate_window_s: u64,
+    /// Most bytes the layers of one pull may unpack to (file content, xattrs),
+    /// together; a pull crossing it fails (InvalidArgument) and leaves nothing.
+    pub max_unpacked_bytes: u64,
+    /// Most tar entries (files, directories, links, ...) in the layers of one pull.
+    pub max_image_entries: u64,
+    /// Most layers an image may have (overlayfs stacks at most 500).
+    pub max_layers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +163,9 @@ impl Default for ImageConfig {
             max_concurrent_downloads: 3,
             min_download_rate_kib: 10,
             download_rate_window_s: 30,
+            max_unpacked_bytes: vessel_image::ImageLimits::DEFAULT_MAX_UNPACKED_BYTES,
+            max_image_entries: vessel_image::ImageLimits::DEFAULT_MAX_IMAGE_ENTRIES,
+            max_layers: vessel_image::ImageLimits::DEFAULT_MAX_LAYERS,
         }
     }
 }
@@ -482,6 +492,18 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     if c.image.max_concurrent_downloads == 0 {
         return err("image.max_concurrent_downloads", "must be at least 1");
     }
+    for (key, value) in [
+        ("image.max_unpacked_bytes", c.image.max_unpacked_bytes),
+        ("image.max_image_entries", c.image.max_image_entries),
+        ("image.max_layers", c.image.max_layers as u64),
+    ] {
+        if value == 0 {
+            return err(
+                key,
+                "must be at least 1 (it bounds what one image pull may unpack)",
+            );
+        }
+    }
     if let Some((key, reason)) = c.streaming.problem() {
         return err(key, reason);
     }
@@ -620,6 +642,9 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.listen, Path::new("/run/vessel/vessel.sock"));
         assert_eq!(c.image.max_concurrent_downloads, 3);
+        assert_eq!(c.image.max_unpacked_bytes, 64 << 30);
+        assert_eq!(c.image.max_image_entries, 4_000_000);
+        assert_eq!(c.image.max_layers, 500);
         assert_eq!(c.runtimes[DEFAULT_HANDLER].memory_mib, 256);
     }
 
@@ -724,6 +749,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("max_concurrent_downloads"));
+
+        for key in ["max_unpacked_bytes", "max_image_entries", "max_layers"] {
+            let d = Dir::new();
+            d.main(&format!("[image]\n{key} = 0\n"));
+            let e = d.load().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("image.{key}")) && e.contains("at least 1"),
+                "{e}"
+            );
+            let d = Dir::new();
+            d.main(&format!("[image]\n{key} = 1000\n"));
+            d.load().unwrap();
+        }
 
         let d = Dir::new();
         d.main("[runtimes.default]\nwritable_layer_mib = 8\n");

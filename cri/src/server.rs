@@ -42,6 +42,11 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
             min_rate: config.image.min_download_rate_kib.saturating_mul(1024),
             window: std::time::Duration::from_secs(config.image.download_rate_window_s),
         },
+        limits: vessel_image::ImageLimits {
+            max_unpacked_bytes: config.image.max_unpacked_bytes,
+            max_image_entries: config.image.max_image_entries,
+            max_layers: config.image.max_layers,
+        },
     };
     // open() also garbage-collects what an interrupted pull left behind.
     let image_db = db.clone();

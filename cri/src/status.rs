@@ -38,6 +38,13 @@ pub fn store_status(e: StoreError) -> Status {
 
 /// Maps an image-store error to a status whose message says what to do about it.
 pub fn image_status(e: &ImageError) -> Status {
+    if let ImageError::LimitExceeded { .. } = e {
+        // The message names the key; the hint says what the operator can do.
+        let hint = "the image is larger than this node allows; use a smaller image, or, if \
+                    it is trusted, raise that key in the [image] table of the vesseld \
+                    config and restart vesseld";
+        return Status::new(Code::InvalidArgument, format!("{e} ({hint})"));
+    }
     let (code, hint) = match e.code() {
         ErrorCode::NotFound => (
             Code::NotFound,
@@ -103,6 +110,24 @@ mod tests {
         assert_eq!(
             image_status(&ImageError::TooSlow("trickle".into())).code(),
             Code::DeadlineExceeded
+        );
+        let s = image_status(&ImageError::LimitExceeded {
+            subject: "image x".into(),
+            what: "its layer count (501)".into(),
+            limit: 500,
+            unit: "layers",
+            key: "image.max_layers",
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message().contains("image.max_layers") && s.message().contains("500"),
+            "{}",
+            s.message()
+        );
+        assert!(
+            !s.message().contains("use a reference like"),
+            "{}",
+            s.message()
         );
         let s = Status::from(RuntimeError::from(crate::validate::InvalidInput::LogPath {
             path: "../x".into(),

@@ -7,7 +7,8 @@ use std::sync::Arc;
 pub enum ErrorCode {
     /// The image, manifest or blob does not exist.
     NotFound,
-    /// The request itself is malformed (bad reference).
+    /// The request itself is malformed (bad reference), or asks for an image this
+    /// node refuses (unsupported, or over a configured limit).
     InvalidArgument,
     /// The registry wants (other) credentials.
     Unauthenticated,
@@ -72,6 +73,25 @@ pub enum ImageError {
     /// The image uses something this runtime does not support (platform, media type).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The image is over a limit this node is configured with
+    /// ([`crate::ImageLimits`]). The pull stopped when the limit was crossed; what the
+    /// layer being unpacked had written is removed.
+    #[error(
+        "{subject}: {what} exceeds the limit of {limit} {unit} set by {key} in the \
+         vesseld config"
+    )]
+    LimitExceeded {
+        /// What was refused: the image, and the layer where the limit was crossed.
+        subject: String,
+        /// What was counted.
+        what: String,
+        /// The configured limit.
+        limit: u64,
+        /// What the limit counts ("bytes", "entries", "layers").
+        unit: &'static str,
+        /// The configuration key that sets it (e.g. `image.max_unpacked_bytes`).
+        key: &'static str,
+    },
     /// A local filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -107,7 +127,9 @@ impl ImageError {
             }
             ImageError::Registry(_) => ErrorCode::Unavailable,
             ImageError::TooSlow(_) => ErrorCode::DeadlineExceeded,
-            ImageError::Unsupported(_) => ErrorCode::InvalidArgument,
+            ImageError::Unsupported(_) | ImageError::LimitExceeded { .. } => {
+                ErrorCode::InvalidArgument
+            }
             ImageError::Io { .. } | ImageError::Store(_) => ErrorCode::Internal,
             ImageError::InUse { .. } => ErrorCode::FailedPrecondition,
         }

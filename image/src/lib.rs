@@ -23,4 +23,4 @@ pub use error::{ErrorCode, ImageError};
 pub use image::{Image, RegistryAuth};
 pub use mounts::mount_point;
 pub use reference::{normalize_reference, ImageRef};
-pub use store::{DownloadLimits, FsUsage, ImageStore, ImageStoreConfig, PullStats};
+pub use store::{DownloadLimits, FsUsage, ImageLimits, ImageStore, ImageStoreConfig, PullStats};

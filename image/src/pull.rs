@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -14,8 +15,10 @@ use crate::meta::Record;
 use crate::reference::ImageRef;
 use crate::registry::{Registry, MAX_MANIFEST_BYTES};
 use crate::store::{lock, Inner, Lease};
-use crate::unpack::{unpack_layer, Compression, UnpackError};
-use crate::{Image, ImageError, ImageStore, RegistryAuth};
+use crate::unpack::{
+    unpack_layer_within, Compression, Limit, UnpackBudget, UnpackError, UnpackLimits,
+};
+use crate::{Image, ImageError, ImageLimits, ImageStore, RegistryAuth};
 
 /// A layer being fetched and unpacked, awaited by every pull that needs it.
 pub(crate) type LayerFuture = Shared<BoxFuture<'static, Result<(), ImageError>>>;
@@ -160,13 +163,63 @@ fn map_unpack(digest: &str, e: UnpackError) -> ImageError {
             digest: digest.to_owned(),
             reason: format!("malformed layer: {e}"),
         },
+        UnpackError::LimitExceeded { what, limit } => {
+            let (counted, key) = match what {
+                Limit::Bytes => (
+                    "the content unpacked from its layers",
+                    ImageLimits::MAX_UNPACKED_BYTES_KEY,
+                ),
+                Limit::Entries => (
+                    "the number of entries (files, directories, links, ...) in its layers",
+                    ImageLimits::MAX_IMAGE_ENTRIES_KEY,
+                ),
+            };
+            ImageError::LimitExceeded {
+                // `pull` puts the image in front.
+                subject: format!("layer {digest}"),
+                what: counted.to_owned(),
+                limit,
+                unit: what.unit(),
+                key,
+            }
+        }
     }
+}
+
+/// Refuses a manifest listing more than `max` layers, before anything is fetched
+/// for it: overlayfs cannot stack more than 500 anyway.
+fn check_layer_count(image: &ImageRef, layers: usize, max: usize) -> Result<(), ImageError> {
+    if layers > max {
+        return Err(ImageError::LimitExceeded {
+            subject: format!("image {image}"),
+            what: format!("its layer count ({layers})"),
+            limit: max as u64,
+            unit: "layers",
+            key: ImageLimits::MAX_LAYERS_KEY,
+        });
+    }
+    Ok(())
+}
+
+/// The budget of one pull: all its layers draw from it.
+fn pull_budget(limits: &ImageLimits) -> UnpackBudget {
+    UnpackBudget::new(UnpackLimits {
+        max_bytes: limits.max_unpacked_bytes,
+        max_entries: limits.max_image_entries,
+    })
 }
 
 /// Unpacks the stored blob of `job` into a new snapshot, checking the uncompressed
 /// stream against the diff id: snapshots are shared by chain id across images, so
 /// one must hold exactly what its id says.
-fn unpack_blob(inner: &Inner, job: &LayerJob, compression: Compression) -> Result<(), ImageError> {
+///
+/// On error the pending snapshot is dropped here, which removes all it holds.
+fn unpack_blob(
+    inner: &Inner,
+    job: &LayerJob,
+    compression: Compression,
+    budget: &UnpackBudget,
+) -> Result<(), ImageError> {
     let digest = &job.blob.digest;
     let path = inner.content.path(digest)?;
     let file =
@@ -185,7 +238,7 @@ fn unpack_blob(inner: &Inner, job: &LayerJob, compression: Compression) -> Resul
         hasher: Sha256::new(),
     };
     let pending = inner.snapshots.prepare(&job.chain_id)?;
-    unpack_layer(&mut reader, Compression::None, pending.path())
+    unpack_layer_within(&mut reader, Compression::None, pending.path(), budget)
         .map_err(|e| map_unpack(digest, e))?;
     // The tar reader stops at the end-of-archive marker; the diff id covers the rest.
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| ImageError::UnsafeLayer {
@@ -204,11 +257,23 @@ fn unpack_blob(inner: &Inner, job: &LayerJob, compression: Compression) -> Resul
 }
 
 impl Inner {
-    /// Downloads (unless stored) and unpacks one layer.
+    /// Bytes the snapshots of `chains` take on disk, as `du` counts them.
+    fn snapshot_bytes(&self, chains: &[String]) -> Result<u64, ImageError> {
+        let mut total = 0;
+        for c in chains {
+            total += vessel_storage::disk_usage(&self.snapshots.path(c))?.0;
+        }
+        Ok(total)
+    }
+
+    /// Downloads (unless stored) and unpacks one layer within `budget`. Once the
+    /// budget is exhausted (by another layer of the pull), it stops: its download at
+    /// the next chunk, before unpacking, or mid-unpack at the next chunk or entry.
     async fn fetch_and_unpack(
         self: &Arc<Self>,
         registry: &Registry,
         job: LayerJob,
+        budget: UnpackBudget,
     ) -> Result<(), ImageError> {
         if self.snapshots.exists(&job.chain_id) {
             return Ok(());
@@ -216,6 +281,10 @@ impl Inner {
         let digest = job.blob.digest.clone();
         let compression = Compression::from_media_type(&job.blob.media_type)
             .map_err(|e| map_unpack(&digest, e))?;
+        let exhausted = |budget: &UnpackBudget| budget.exceeded().map(|e| map_unpack(&digest, e));
+        if let Some(e) = exhausted(&budget) {
+            return Err(e);
+        }
         if !self.content.exists(&digest) {
             let _permit = self
                 .downloads
@@ -225,13 +294,28 @@ impl Inner {
             let stream = registry
                 .blob_stream(&digest, job.blob.size, &job.blob.media_type)
                 .await?;
+            // Ends the download (ingest removes its file) once the budget is gone.
+            let b = budget.clone();
+            let stream = stream
+                .map(move |chunk| match b.exceeded() {
+                    None => chunk,
+                    Some(e) => Err(std::io::Error::other(e)),
+                })
+                .boxed();
             let size = u64::try_from(job.blob.size).ok();
-            let n = self.content.ingest(&digest, size, stream).await?;
+            let n = self
+                .content
+                .ingest(&digest, size, stream)
+                .await
+                .map_err(|e| exhausted(&budget).unwrap_or(e))?;
             self.counters.blobs.fetch_add(1, Ordering::Relaxed);
             self.counters.bytes.fetch_add(n, Ordering::Relaxed);
         }
+        if let Some(e) = exhausted(&budget) {
+            return Err(e);
+        }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || unpack_blob(&this, &job, compression))
+        tokio::task::spawn_blocking(move || unpack_blob(&this, &job, compression, &budget))
             .await
             .map_err(|e| ImageError::Store(format!("unpack task: {e}")))??;
         self.counters.layers.fetch_add(1, Ordering::Relaxed);
@@ -240,24 +324,25 @@ impl Inner {
 
     /// Runs `work` as its own task, shared by every caller asking for `key` while it
     /// runs, unless `done()` says the result already exists. Being a task, a cancelled
-    /// pull does not abort a download others wait for.
+    /// pull does not abort a download others wait for. The flag says whether this
+    /// call started the task (rather than joining one, or finding it done).
     fn shared_task<F>(
         self: &Arc<Self>,
         key: String,
         done: impl FnOnce() -> bool,
         work: F,
-    ) -> LayerFuture
+    ) -> (LayerFuture, bool)
     where
         F: std::future::Future<Output = Result<(), ImageError>> + Send + 'static,
     {
         let mut inflight = lock(&self.inflight);
         if let Some(f) = inflight.get(&key) {
-            return f.clone();
+            return (f.clone(), false);
         }
         // Checked under the lock: a finished task publishes its result before it
         // leaves the map.
         if done() {
-            return futures::future::ready(Ok(())).boxed().shared();
+            return (futures::future::ready(Ok(())).boxed().shared(), false);
         }
         let this = self.clone();
         let k = key.clone();
@@ -273,17 +358,25 @@ impl Inner {
         .boxed()
         .shared();
         inflight.insert(key, fut.clone());
-        fut
+        (fut, true)
     }
 
-    /// The shared future producing `job`'s snapshot (keyed by chain id).
-    fn layer_future(self: &Arc<Self>, registry: Arc<Registry>, job: LayerJob) -> LayerFuture {
+    /// The shared future producing `job`'s snapshot (keyed by chain id), and whether
+    /// this call started it (then it draws from `budget`; a pull joining a running
+    /// unpack of the same chain id shares the budget of the pull that started it).
+    fn layer_future(
+        self: &Arc<Self>,
+        registry: Arc<Registry>,
+        job: LayerJob,
+        budget: &UnpackBudget,
+    ) -> (LayerFuture, bool) {
         let this = self.clone();
         let chain = job.chain_id.clone();
+        let budget = budget.clone();
         self.shared_task(
             format!("layer {chain}"),
             || self.snapshots.exists(&chain),
-            async move { this.fetch_and_unpack(&registry, job).await },
+            async move { this.fetch_and_unpack(&registry, job, budget).await },
         )
     }
 
@@ -319,6 +412,7 @@ impl Inner {
                 Ok(())
             },
         )
+        .0
         .await?;
         self.content.read(&d.digest)
     }
@@ -403,6 +497,9 @@ impl ImageStore {
             }
         }
 
+        // Before anything but the manifest is fetched.
+        check_layer_count(&image_ref, doc.layers.len(), inner.cfg.limits.max_layers)?;
+
         let config_desc = doc
             .config
             .clone()
@@ -450,13 +547,46 @@ impl ImageStore {
                 diff_id: diff.clone(),
                 blob: blob.clone(),
             });
-        let futures: Vec<LayerFuture> = jobs
-            .map(|job| inner.layer_future(registry.clone(), job))
-            .collect();
-        futures::future::try_join_all(futures).await?;
+        let budget = pull_budget(&inner.cfg.limits);
+        let (futures, started): (Vec<LayerFuture>, Vec<bool>) = jobs
+            .map(|job| inner.layer_future(registry.clone(), job, &budget))
+            .unzip();
+        if let Err(e) = futures::future::try_join_all(futures.iter().cloned()).await {
+            if budget.exceeded().is_some() {
+                // The layers this pull started stop at their next chunk or entry (see
+                // `fetch_and_unpack`): wait for them, so that none of their pending
+                // snapshots outlives the error.
+                let own = futures.into_iter().zip(started).filter(|(_, s)| *s);
+                futures::future::join_all(own.map(|(f, _)| f)).await;
+            }
+            return Err(match e {
+                ImageError::LimitExceeded {
+                    subject,
+                    what,
+                    limit,
+                    unit,
+                    key,
+                } => ImageError::LimitExceeded {
+                    subject: format!("image {image_ref} (stopped in {subject})"),
+                    what,
+                    limit,
+                    unit,
+                    key,
+                },
+                e => e,
+            });
+        }
 
         let id = config_desc.digest.clone();
-        let size = doc.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        // What the image takes on this node (its blobs and unpacked snapshots), which
+        // the kubelet's image garbage collection counts on, not what was downloaded.
+        let compressed: u64 = doc.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        let this = inner.clone();
+        let chain_list = chains.clone();
+        let unpacked = tokio::task::spawn_blocking(move || this.snapshot_bytes(&chain_list))
+            .await
+            .map_err(|e| ImageError::Store(format!("image size task: {e}")))??;
+        let size = compressed + unpacked;
         let user = config.config.and_then(|c| c.user).unwrap_or_default();
         let tag = image_ref.tagged();
         let repo_digest = image_ref.with_digest(&top_digest);
@@ -517,6 +647,40 @@ mod tests {
         assert_eq!(c[0], a);
         assert_eq!(c[1], sha256_digest(format!("{a} {b}").as_bytes()));
         assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn layer_count_is_capped() {
+        let r = ImageRef::parse("example.com/many:1").unwrap();
+        check_layer_count(&r, 500, 500).unwrap();
+        check_layer_count(&r, 0, 500).unwrap();
+        let e = check_layer_count(&r, 501, 500).unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("example.com/many:1")
+                && msg.contains("(501)")
+                && msg.contains("limit of 500 layers")
+                && msg.contains("image.max_layers"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unpack_limit_errors_name_the_key() {
+        let digest = format!("sha256:{}", "c".repeat(64));
+        for (what, key, unit) in [
+            (Limit::Bytes, "image.max_unpacked_bytes", "bytes"),
+            (Limit::Entries, "image.max_image_entries", "entries"),
+        ] {
+            let e = map_unpack(&digest, UnpackError::LimitExceeded { what, limit: 42 });
+            assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&digest) && msg.contains(&format!("42 {unit}")) && msg.contains(key),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

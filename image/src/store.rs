@@ -24,6 +24,53 @@ pub struct ImageStoreConfig {
     pub max_concurrent_downloads: usize,
     /// How slow a registry may be before a download is given up.
     pub download_limits: DownloadLimits,
+    /// How large an image may be (layers, unpacked bytes, entries).
+    pub limits: ImageLimits,
+}
+
+/// Caps on what one pull may bring onto the node: a layer compresses freely (20 MiB
+/// of gzip inflate to 20 GiB of zeros), so the compressed sizes a manifest declares
+/// bound nothing on disk. A pull over a cap fails as soon as it is crossed
+/// ([`crate::ImageError::LimitExceeded`], InvalidArgument), with nothing of the
+/// layer being unpacked left on disk. The defaults are far above any real image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Most bytes the layers one pull unpacks may hold together (file content, sparse
+    /// holes included, and xattrs); default 64 GiB. Config key
+    /// `image.max_unpacked_bytes`.
+    pub max_unpacked_bytes: u64,
+    /// Most tar entries (files, directories, links, whiteouts, ...) in the layers one
+    /// pull unpacks, together; default 4,000,000. Config key `image.max_image_entries`.
+    pub max_image_entries: u64,
+    /// Most layers an image's manifest may list, checked before any blob is fetched;
+    /// default 500, overlayfs' maximum stack of lower layers (`OVL_MAX_STACK`).
+    /// Config key `image.max_layers`.
+    pub max_layers: usize,
+}
+
+impl ImageLimits {
+    /// Default of [`ImageLimits::max_unpacked_bytes`].
+    pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = crate::unpack::UnpackLimits::DEFAULT_MAX_BYTES;
+    /// Default of [`ImageLimits::max_image_entries`].
+    pub const DEFAULT_MAX_IMAGE_ENTRIES: u64 = crate::unpack::UnpackLimits::DEFAULT_MAX_ENTRIES;
+    /// Default of [`ImageLimits::max_layers`]: overlayfs' `OVL_MAX_STACK`.
+    pub const DEFAULT_MAX_LAYERS: usize = 500;
+    /// Config key of [`ImageLimits::max_unpacked_bytes`], named in errors.
+    pub const MAX_UNPACKED_BYTES_KEY: &'static str = "image.max_unpacked_bytes";
+    /// Config key of [`ImageLimits::max_image_entries`], named in errors.
+    pub const MAX_IMAGE_ENTRIES_KEY: &'static str = "image.max_image_entries";
+    /// Config key of [`ImageLimits::max_layers`], named in errors.
+    pub const MAX_LAYERS_KEY: &'static str = "image.max_layers";
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_unpacked_bytes: Self::DEFAULT_MAX_UNPACKED_BYTES,
+            max_image_entries: Self::DEFAULT_MAX_IMAGE_ENTRIES,
+            max_layers: Self::DEFAULT_MAX_LAYERS,
+        }
+    }
 }
 
 /// A download slower than `min_rate` bytes/s over any `window` (counted in

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vessel_image::{
-    DownloadLimits, ErrorCode, ImageError, ImageStore, ImageStoreConfig, RegistryAuth,
+    DownloadLimits, ErrorCode, ImageError, ImageLimits, ImageStore, ImageStoreConfig, RegistryAuth,
 };
 use vessel_tests::registry::TestRegistry;
 use vessel_tests::testimages::{self, Layer, LayerCompression, TarBuilder};
@@ -23,6 +23,10 @@ struct Env {
 
 impl Env {
     fn new(limits: DownloadLimits, downloads: usize) -> Self {
+        Self::with_limits(limits, downloads, ImageLimits::default())
+    }
+
+    fn with_limits(limits: DownloadLimits, downloads: usize, image_limits: ImageLimits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("certs.d")).unwrap();
         let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
@@ -32,6 +36,7 @@ impl Env {
                 certs_dir: dir.path().join("certs.d"),
                 max_concurrent_downloads: downloads,
                 download_limits: limits,
+                limits: image_limits,
             },
             db,
         )
@@ -512,4 +517,187 @@ async fn snapshots_are_private() {
     let _again = ImageStore::open(env.store.config().clone(), db).unwrap();
     assert_eq!(mode(&root.join("snapshots")), 0o700);
     assert_eq!(mode(&root), 0o700);
+}
+
+/// A gzip layer with one file `name` of `size` zero bytes (~1 KiB of gzip per MiB,
+/// so 20 GiB is ~20 MiB). Its diff id is made up: the unpack never gets that far.
+fn zeros_layer(name: &str, size: u64) -> Layer {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    let gz = |data: &[u8], level| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    };
+    let mut data = gz(h.as_bytes(), flate2::Compression::fast());
+    let chunk = gz(&vec![0u8; 1 << 20], flate2::Compression::best());
+    for _ in 0..size >> 20 {
+        data.extend_from_slice(&chunk);
+    }
+    data.extend_from_slice(&gz(&[0u8; 1024], flate2::Compression::fast()));
+    Layer {
+        media_type: LayerCompression::Gzip.media_type(),
+        digest: testimages::sha256_digest(&data),
+        diff_id: testimages::sha256_digest(name.as_bytes()),
+        data,
+    }
+}
+
+fn limits(max_unpacked_bytes: u64, max_image_entries: u64, max_layers: usize) -> ImageLimits {
+    ImageLimits {
+        max_unpacked_bytes,
+        max_image_entries,
+        max_layers,
+    }
+}
+
+fn snapshot_dirs(env: &Env) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(env.root().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_limit(err: &ImageError, want_key: &str, want_limit: u64) {
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err:?}");
+    match err {
+        ImageError::LimitExceeded { key, limit, .. } => {
+            assert_eq!((*key, *limit), (want_key, want_limit), "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains(want_key) && msg.contains(&want_limit.to_string()),
+        "{msg}"
+    );
+}
+
+/// The layer of issue 26: 20 GiB of zeros in ~20 MiB of gzip. Refused as soon as
+/// the byte limit is crossed, inside the file, and nothing stays on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zero_bomb_layer_stops_at_the_byte_limit() {
+    let reg = TestRegistry::start().unwrap();
+    let layer = zeros_layer("zeros", 20 << 30);
+    eprintln!("zeros layer: {} bytes of gzip", layer.data.len());
+    let pushed = testimages::push_layers(&reg, "zeros:1", vec![layer])
+        .await
+        .unwrap();
+    let cap = 16 << 20;
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(cap, 1000, 10));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    let t = Instant::now();
+    let err = env
+        .store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap_err();
+    eprintln!("zeros refused after {:?}: {err}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_limit(&err, "image.max_unpacked_bytes", cap);
+    assert!(err.to_string().contains(&pushed.reference), "{err}");
+    assert!(env.store.list().unwrap().is_empty());
+    assert!(snapshot_dirs(&env).is_empty(), "{:?}", snapshot_dirs(&env));
+}
+
+/// Two bomb layers unpacking at once draw from one budget: when one crosses it the
+/// other stops too, and when the pull returns neither has left a pending snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn layers_of_one_pull_share_the_byte_limit() {
+    let reg = TestRegistry::start().unwrap();
+    let layers = vec![zeros_layer("a", 4 << 30), zeros_layer("b", 4 << 30)];
+    let pushed = testimages::push_layers(&reg, "zeros2:1", layers)
+        .await
+        .unwrap();
+    let cap = 16 << 20;
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(cap, 1000, 10));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    let err = env
+        .store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap_err();
+    assert_limit(&err, "image.max_unpacked_bytes", cap);
+    assert!(env.store.list().unwrap().is_empty());
+    assert!(snapshot_dirs(&env).is_empty(), "{:?}", snapshot_dirs(&env));
+}
+
+/// A layer of many empty files is refused at the entry limit, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entry_bomb_layer_stops_at_the_entry_limit() {
+    let reg = TestRegistry::start().unwrap();
+    let mut b = TarBuilder::new();
+    b.dir("many/", 0o755).unwrap();
+    for i in 0..5000 {
+        b.file(&format!("many/{i}"), b"", 0o644).unwrap();
+    }
+    let layer = Layer::new(b.finish().unwrap(), LayerCompression::Gzip).unwrap();
+    let pushed = testimages::push_layers(&reg, "many:1", vec![layer])
+        .await
+        .unwrap();
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(1 << 30, 1000, 10));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    let err = env
+        .store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap_err();
+    assert_limit(&err, "image.max_image_entries", 1000);
+    assert!(env.store.list().unwrap().is_empty());
+    assert!(snapshot_dirs(&env).is_empty(), "{:?}", snapshot_dirs(&env));
+
+    // The same image within the limits pulls.
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(1 << 30, 5001, 10));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    env.store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap();
+}
+
+/// A manifest with more layers than the limit is refused before any blob (config
+/// included) is downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn too_many_layers_are_refused_before_any_download() {
+    let reg = TestRegistry::start().unwrap();
+    let layers = (0..3)
+        .map(|i| {
+            let mut b = TarBuilder::new();
+            b.file(&format!("f{i}"), b"x", 0o644).unwrap();
+            Layer::new(b.finish().unwrap(), LayerCompression::Gzip).unwrap()
+        })
+        .collect();
+    let pushed = testimages::push_layers(&reg, "layers:3", layers)
+        .await
+        .unwrap();
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(1 << 30, 1000, 2));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    let err = env
+        .store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap_err();
+    assert_limit(&err, "image.max_layers", 2);
+    assert!(err.to_string().contains("(3)"), "{err}");
+    assert_eq!(env.store.stats().blobs_downloaded, 0);
+    assert!(env.store.list().unwrap().is_empty());
+    assert!(snapshot_dirs(&env).is_empty());
+
+    let env = Env::with_limits(DownloadLimits::default(), 3, limits(1 << 30, 1000, 3));
+    env.hosts(&reg.addr(), &format!("server = \"{}\"\n", reg.url()));
+    let img = env
+        .store
+        .pull(&pushed.reference, &RegistryAuth::default())
+        .await
+        .unwrap();
+    assert_eq!(img.chain_ids.len(), 3);
 }

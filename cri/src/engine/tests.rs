@@ -490,6 +490,7 @@ async fn fixture(steps: FakeSteps) -> Fixture {
                 min_rate: 0,
                 window: Duration::from_secs(10),
             },
+            limits: vessel_image::ImageLimits::default(),
         },
         db.clone(),
     )

@@ -15,7 +15,7 @@ use super::path::{
     components, is_plain_name, OPAQUE_WHITEOUT, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX,
 };
 use super::safefs::{file_type_at, open_dir_at, remove_at, walk_dirs};
-use super::{UnpackError, UnpackStats};
+use super::{UnpackBudget, UnpackError, UnpackStats};
 
 /// Overlayfs marks an opaque directory with this xattr.
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -23,6 +23,11 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// redirects or opaque markers that overlayfs trusts.
 const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+/// Content is read and written in chunks of this size, each charged to the budget
+/// before it is written (the default 8 KiB of `io::copy` costs throughput).
+const CHUNK: usize = 256 * 1024;
+/// A tar record (20 blocks): writers pad the archive to a multiple of it.
+const TAR_RECORD: u64 = 20 * 512;
 
 /// Metadata of one entry, PAX overrides applied.
 struct Meta {
@@ -41,6 +46,10 @@ pub(crate) struct Unpacker {
     parent_cache: Option<(Vec<OsString>, OwnedFd)>,
     chown: bool,
     stats: UnpackStats,
+    /// What this layer (and the others of its pull) may still write.
+    budget: UnpackBudget,
+    /// The copy buffer, reused for every entry.
+    buf: Vec<u8>,
 }
 
 /// Context for errors about one entry.
@@ -74,7 +83,7 @@ impl Ctx {
 }
 
 impl Unpacker {
-    pub(crate) fn new(dest: &Path) -> Result<Self, UnpackError> {
+    pub(crate) fn new(dest: &Path, budget: UnpackBudget) -> Result<Self, UnpackError> {
         let root = rustix::fs::open(
             dest,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -91,6 +100,8 @@ impl Unpacker {
             // Without root, ownership cannot be given away; keep the caller's.
             chown: rustix::process::geteuid().is_root(),
             stats: UnpackStats::default(),
+            budget,
+            buf: vec![0; CHUNK],
         })
     }
 
@@ -114,10 +125,55 @@ impl Unpacker {
         Ok(())
     }
 
+    /// Applies one entry, charging it and all of its data to the budget (data the
+    /// entry does not use is read here too, so `tar` has nothing left to skip).
     pub(crate) fn apply<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
     ) -> Result<(), UnpackError> {
+        self.budget.take_entry()?;
+        self.apply_entry(entry)?;
+        // Only reads can fail here: errors of the stream itself.
+        self.pump(entry, 0, |_| Ok(()), UnpackError::Tar)?;
+        Ok(())
+    }
+
+    /// Reads what is left of `src` (what follows the end-of-archive marker) through
+    /// the budget, past the padding of a standard tar record, which is free; returns
+    /// the bytes read.
+    pub(crate) fn drain<R: Read>(&mut self, src: &mut R) -> Result<u64, UnpackError> {
+        self.pump(src, TAR_RECORD, |_| Ok(()), UnpackError::Tar)
+    }
+
+    /// Reads `src` to its end in chunks, charging each to the budget (all but the
+    /// first `free` bytes) before `sink` gets it: a layer over its budget stops
+    /// mid-file, with nothing past the limit written. I/O errors (reading or in
+    /// `sink`) become `io_err(e)`.
+    fn pump<R: Read>(
+        &mut self,
+        src: &mut R,
+        mut free: u64,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+        io_err: impl Fn(std::io::Error) -> UnpackError,
+    ) -> Result<u64, UnpackError> {
+        let mut total = 0u64;
+        loop {
+            let n = match src.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(e)),
+            };
+            let waived = free.min(n as u64);
+            free -= waived;
+            self.budget.take_bytes(n as u64 - waived)?;
+            sink(&self.buf[..n]).map_err(&io_err)?;
+            total += n as u64;
+        }
+        Ok(total)
+    }
+
+    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let kind = entry.header().entry_type();
         if matches!(
             kind,
@@ -184,7 +240,7 @@ impl Unpacker {
                 .map_err(|e| ctx.io(e))?;
                 let mut file = File::from(fd);
                 let sparse = kind == EntryType::GNUSparse;
-                self.stats.bytes += copy_data(entry, &mut file, sparse).map_err(|e| ctx.io(e))?;
+                self.stats.bytes += self.copy_data(entry, &mut file, sparse, &ctx)?;
                 self.set_meta_fd(&file, &meta, &ctx)?;
                 rustix::fs::futimens(&file, &times(meta.mtime)).map_err(|e| ctx.io(e))?;
             }
@@ -340,10 +396,43 @@ impl Unpacker {
             .map_err(|e| ctx.io(e))?;
         }
         for (name, value) in &meta.xattrs {
+            // Stored on disk like content (up to 64 KiB each on XFS).
+            self.budget.take_bytes((name.len() + value.len()) as u64)?;
             rustix::fs::fsetxattr(fd, name.as_os_str(), value, XattrFlags::empty())
                 .map_err(|e| ctx.io(e))?;
         }
         rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode)).map_err(|e| ctx.io(e))
+    }
+
+    /// Copies an entry's content within the budget. For a GNU sparse entry, runs of
+    /// zeros (the holes `tar` fills in, whose size the layer declares freely) become
+    /// holes in the file rather than written blocks, so a tiny layer cannot fill the
+    /// disk with them; they are still charged, being read.
+    fn copy_data<R: Read>(
+        &mut self,
+        src: &mut R,
+        dst: &mut File,
+        sparse: bool,
+        ctx: &Ctx,
+    ) -> Result<u64, UnpackError> {
+        use std::io::{Seek, SeekFrom};
+        let total = self.pump(
+            src,
+            0,
+            |chunk| {
+                if sparse && chunk.iter().all(|&b| b == 0) {
+                    dst.seek(SeekFrom::Current(chunk.len() as i64)).map(drop)
+                } else {
+                    dst.write_all(chunk)
+                }
+            },
+            |e| ctx.io(e),
+        )?;
+        if sparse {
+            // A trailing hole: the file still has its full size.
+            dst.set_len(total).map_err(|e| ctx.io(e))?;
+        }
+        Ok(total)
     }
 
     fn chown_at(
@@ -372,35 +461,6 @@ fn times(mtime: Timespec) -> Timestamps {
         last_access: mtime,
         last_modification: mtime,
     }
-}
-
-/// Copies file content with a large buffer (the default 8 KiB costs throughput).
-/// Copies an entry's content. For a GNU sparse entry, runs of zeros (the holes `tar`
-/// fills in, whose size the layer declares freely) become holes in the file rather
-/// than written blocks, so a tiny layer cannot fill the disk with them.
-fn copy_data<R: Read>(src: &mut R, dst: &mut File, sparse: bool) -> std::io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match src.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if sparse && buf[..n].iter().all(|&b| b == 0) {
-            dst.seek(SeekFrom::Current(n as i64))?;
-        } else {
-            dst.write_all(&buf[..n])?;
-        }
-        total += n as u64;
-    }
-    if sparse {
-        // A trailing hole: the file still has its full size.
-        dst.set_len(total)?;
-    }
-    Ok(total)
 }
 
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, ctx: &Ctx) -> Result<Meta, UnpackError> {

@@ -1026,3 +1026,197 @@ fn sparse_holes_are_not_written_and_huge_ones_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+// ---- Budgets: bytes and entries of one pull ----
+
+fn budget(max_bytes: u64, max_entries: u64) -> UnpackBudget {
+    UnpackBudget::new(UnpackLimits {
+        max_bytes,
+        max_entries,
+    })
+}
+
+/// A regular file `name` declaring `size` bytes of zeros, as gzip: ~1 KiB per MiB.
+fn zeros_layer(name: &str, size: u64) -> Vec<u8> {
+    let mut h = Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_entry_type(EntryType::Regular);
+    h.set_size(size);
+    zero_ids(&mut h);
+    h.set_cksum();
+    bomb_layer(h.as_bytes(), size)
+}
+
+/// Bytes of the regular files under `dir` (apparent sizes).
+fn file_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            file_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+fn snapshots() -> (tempfile::TempDir, vessel_storage::Snapshotter) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = vessel_storage::Snapshotter::open(dir.path()).unwrap();
+    (dir, s)
+}
+
+const CHAIN: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+#[test]
+fn zero_bomb_is_refused_mid_file_and_the_snapshot_discarded() {
+    // 20 GiB of zeros in ~20 MiB of gzip (the layer of the issue), against an 8 MiB
+    // budget: refused after 8 MiB of the one file, not after 20 GiB.
+    let layer = zeros_layer("zeros", 20 << 30);
+    assert!(layer.len() < 32 << 20, "{} bytes of gzip", layer.len());
+    let cap = 8 << 20;
+    let b = budget(cap, 1000);
+    let (root, snaps) = snapshots();
+    let pending = snaps.prepare(CHAIN).unwrap();
+    let t = std::time::Instant::now();
+    let err = unpack_layer_within(&layer[..], Compression::Gzip, pending.path(), &b).unwrap_err();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    match &err {
+        UnpackError::LimitExceeded { what, limit } => {
+            assert_eq!((*what, *limit), (Limit::Bytes, cap));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("8388608 bytes"), "{err}");
+    // Stopped inside the file, with no more than the budget written.
+    let written = file_bytes(pending.path());
+    assert!(written <= cap && written > 0, "{written}");
+    assert!(b.exceeded().is_some());
+    drop(pending);
+    let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn entry_bomb_is_refused_and_the_snapshot_discarded() {
+    let mut t = TarBuilder::new();
+    t.dir("d");
+    for i in 0..2000 {
+        t.file(&format!("d/{i}"), b"");
+    }
+    let tar = gz(&t.finish());
+    let b = budget(1 << 30, 500);
+    let (root, snaps) = snapshots();
+    let pending = snaps.prepare(CHAIN).unwrap();
+    let err = unpack_layer_within(&tar[..], Compression::Gzip, pending.path(), &b).unwrap_err();
+    match &err {
+        UnpackError::LimitExceeded { what, limit } => {
+            assert_eq!((*what, *limit), (Limit::Entries, 500));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("500 entries"), "{err}");
+    // "d" and 499 files: nothing past the limit.
+    let files = std::fs::read_dir(pending.path().join("d")).unwrap().count();
+    assert_eq!(files, 499);
+    drop(pending);
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_budget_is_shared_by_layers_and_stays_exhausted() {
+    let data = vec![7u8; 600 << 10];
+    let layer = |name: &str| TarBuilder::new().file(name, &data).finish();
+    let b = budget(1 << 20, 100);
+    let d1 = tempfile::tempdir().unwrap();
+    let stats = unpack_layer_within(&layer("a")[..], Compression::None, d1.path(), &b).unwrap();
+    assert_eq!(stats.bytes, 600 << 10);
+    assert_eq!(b.remaining(), ((1 << 20) - (600 << 10), 99));
+    // The second layer alone fits, but not after the first.
+    let d2 = tempfile::tempdir().unwrap();
+    let err =
+        unpack_layer_within(&layer("b")[..], Compression::None, d2.path(), &b.clone()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::LimitExceeded {
+                what: Limit::Bytes,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Exhausted for good: even an entry without content is refused, naming bytes.
+    let d3 = tempfile::tempdir().unwrap();
+    let err = unpack_layer_within(
+        &TarBuilder::new().dir("x").finish()[..],
+        Compression::None,
+        d3.path(),
+        &b,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::LimitExceeded {
+                what: Limit::Bytes,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!d3.path().join("x").exists());
+}
+
+#[test]
+fn a_layer_exactly_at_the_limits_is_accepted() {
+    let tar = TarBuilder::new()
+        .dir("d")
+        .file("d/f", &[1u8; 3000])
+        .finish();
+    let dir = tempfile::tempdir().unwrap();
+    let b = budget(3000, 2);
+    unpack_layer_within(&tar[..], Compression::None, dir.path(), &b).unwrap();
+    assert_eq!(b.remaining(), (0, 0));
+    assert!(b.exceeded().is_none());
+}
+
+#[test]
+fn data_outside_files_is_charged_too() {
+    // Content declared for a directory (skipped, not written) and zeros after the
+    // end-of-archive cost decompression like file content: both are charged.
+    let mut t = TarBuilder::new();
+    t.raw("d", EntryType::Directory, None, &[0u8; 4096], DEFAULT);
+    let tar = t.finish();
+    let dir = tempfile::tempdir().unwrap();
+    let err = unpack_layer_within(&tar[..], Compression::None, dir.path(), &budget(4000, 10))
+        .unwrap_err();
+    assert!(matches!(err, UnpackError::LimitExceeded { .. }), "{err:?}");
+
+    let mut tar = TarBuilder::new().file("f", b"x").finish();
+    tar.extend_from_slice(&vec![0u8; 1 << 20]);
+    let dir = tempfile::tempdir().unwrap();
+    let err = unpack_layer_within(
+        &tar[..],
+        Compression::None,
+        dir.path(),
+        &budget(64 << 10, 10),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::LimitExceeded { .. }), "{err:?}");
+    // Within the budget, the same layer passes.
+    let dir = tempfile::tempdir().unwrap();
+    unpack_layer_within(
+        &tar[..],
+        Compression::None,
+        dir.path(),
+        &budget(4 << 20, 10),
+    )
+    .unwrap();
+}
