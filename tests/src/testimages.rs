@@ -199,6 +199,48 @@ pub async fn push_busybox(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Res
     .await
 }
 
+/// A busybox image of `count` layers (gzip). Layer `i` writes its number to
+/// `/stack/n` (so the top one's shows) and adds `/stack/l<i>`. Layer 0 also has
+/// `/stack/gone` and `/stack/opq/old`; layer 1 (when there is one) whites out
+/// `gone` and makes `opq/` opaque, adding `opq/new`.
+pub fn many_layers(count: usize) -> anyhow::Result<Vec<Layer>> {
+    (0..count)
+        .map(|i| {
+            let mut b = TarBuilder::new();
+            if i == 0 {
+                add_busybox_rootfs(&mut b)?;
+            }
+            b.dir("stack/", 0o755)?
+                .file("stack/n", format!("{i}\n").as_bytes(), 0o644)?
+                .file(&format!("stack/l{i}"), b"", 0o644)?;
+            match i {
+                0 => {
+                    b.file("stack/gone", b"", 0o644)?
+                        .dir("stack/opq/", 0o755)?
+                        .file("stack/opq/old", b"", 0o644)?;
+                }
+                1 => {
+                    b.file("stack/.wh.gone", b"", 0o644)?
+                        .dir("stack/opq/", 0o755)?
+                        .file("stack/opq/.wh..wh..opq", b"", 0o644)?
+                        .file("stack/opq/new", b"", 0o644)?;
+                }
+                _ => {}
+            }
+            Layer::new(b.finish()?, LayerCompression::Gzip)
+        })
+        .collect()
+}
+
+/// [`many_layers`] pushed as one image.
+pub async fn push_many_layers(
+    reg: impl Into<Target>,
+    repo_tag: &str,
+    count: usize,
+) -> anyhow::Result<PushedImage> {
+    push_single(reg.into(), repo_tag, many_layers(count)?, &[]).await
+}
+
 /// 1-layer busybox rootfs compressed with zstd.
 pub async fn push_zstd(reg: impl Into<Target>, repo_tag: &str) -> anyhow::Result<PushedImage> {
     push_single(
@@ -227,6 +269,27 @@ pub async fn push_with_user(
 ) -> anyhow::Result<PushedImage> {
     let layers = vec![busybox_layer(LayerCompression::Gzip)?];
     push_single(reg.into(), repo_tag, layers, &[("User", json!(user))]).await
+}
+
+/// Busybox running as `vessel`, with a second layer whose `/etc/group` lists
+/// `vessel` as a member of `groups` groups (gids from 100000 up).
+pub async fn push_with_groups(
+    reg: impl Into<Target>,
+    repo_tag: &str,
+    groups: usize,
+) -> anyhow::Result<PushedImage> {
+    let mut text = String::from("root:x:0:\nvessel:x:1000:\nnogroup:x:65534:\n");
+    for i in 0..groups {
+        text += &format!("g{i}:x:{}:vessel\n", 100_000 + i);
+    }
+    let mut b = TarBuilder::new();
+    b.dir("etc/", 0o755)?
+        .file("etc/group", text.as_bytes(), 0o644)?;
+    let layers = vec![
+        busybox_layer(LayerCompression::Gzip)?,
+        Layer::new(b.finish()?, LayerCompression::Gzip)?,
+    ];
+    push_single(reg.into(), repo_tag, layers, &[("User", json!("vessel"))]).await
 }
 
 /// Busybox whose config sets `StopSignal` (e.g. `"SIGUSR1"`), the signal

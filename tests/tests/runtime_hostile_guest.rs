@@ -63,7 +63,7 @@ fn file_bytes(dir: &Path) -> u64 {
     file_sizes(dir).iter().map(|(_, n)| n).sum()
 }
 
-/// Every regular file under `dir` with its size, not counting the image layers bound
+/// Every regular file under `dir` with its size, not counting the image rootfs mounted
 /// into share dirs (host disk, not tmpfs) nor the exported view of the same files.
 fn file_sizes(dir: &Path) -> Vec<(String, u64)> {
     let mut out = Vec::new();
@@ -77,7 +77,7 @@ fn file_sizes(dir: &Path) -> Vec<(String, u64)> {
                 continue;
             };
             let name = e.file_name();
-            if meta.is_dir() && name != "layers" && name != "export" {
+            if meta.is_dir() && name != "images" && name != "layers" && name != "export" {
                 stack.push(e.path());
             } else if meta.is_file() {
                 out.push((e.path().display().to_string(), meta.len()));

@@ -73,8 +73,8 @@ async fn pod_resources_sysctls_and_termination_log() {
     )
     .await;
 
-    // The pod's share dir (all its VM can see of the host) holds the busybox layer,
-    // not the other image's.
+    // The pod's share dir (all its VM can see of the host) holds the busybox image
+    // (named by its top layer), not the other image's.
     let entries = |dir: std::path::PathBuf| -> BTreeSet<String> {
         std::fs::read_dir(dir)
             .unwrap()
@@ -86,7 +86,7 @@ async fn pod_resources_sysctls_and_termination_log() {
         d.run_root()
             .join("pods")
             .join(&pod)
-            .join("share/export/layers"),
+            .join("share/export/images"),
     );
     let stored = entries(d.root().join("snapshots"));
     assert_eq!(exposed.len(), 1, "busybox is one layer: {exposed:?}");

@@ -746,6 +746,28 @@ async fn containers(env: &Env) -> anyhow::Result<()> {
     );
     env.add("3. RemoveContainer", Unit::Millis, remove, "");
 
+    // The same start from an image of as many layers as Docker builds: the pod
+    // sees it as one overlay, so it should cost what the one-layer start does.
+    let many = testimages::push_many_layers(&env.registry, "bench/layers127:1", 127)
+        .await?
+        .reference;
+    c.pull(&many).await?;
+    let mut start_many = Samples::new();
+    for i in 0..env.plan.containers {
+        let ctr_config = pods::sleeper_config(&format!("m{i}"), &many);
+        let (id, t) = pods::create_and_start(&mut c, &pod, &config, ctr_config.clone()).await?;
+        start_many.push_duration(t);
+        pods::wait_ready(&config, &ctr_config).await?;
+        pods::stop_container(&mut c, &id, 10).await?;
+        pods::remove_container(&mut c, &id).await?;
+    }
+    env.add(
+        "3. CreateContainer + StartContainer, 127-layer image",
+        Unit::Millis,
+        start_many,
+        "running pod; reference: the busybox row above",
+    );
+
     let (ctr, _) = pods::create_and_start(
         &mut c,
         &pod,
