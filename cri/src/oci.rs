@@ -267,23 +267,27 @@ pub fn user(
     }) {
         return Err(SpecError::GroupWithoutUser);
     }
+    // Strict: only the groups the pod spec names, none from the image's /etc/group;
+    // its memberships are then not gathered at all, so their count cannot fail.
+    let strict = sc.is_some_and(|s| {
+        s.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32
+    });
+    let resolve = if strict {
+        passwd::resolve_without_memberships
+    } else {
+        passwd::resolve
+    };
     let mut resolved = match sc {
         Some(sc) if sc.run_as_user.is_some() => {
             let uid = sc.run_as_user.as_ref().map(|v| v.value).unwrap_or(0);
-            passwd::resolve(&uid.to_string(), passwd, group)?
+            resolve(&uid.to_string(), passwd, group)?
         }
-        Some(sc) if !sc.run_as_username.is_empty() => {
-            passwd::resolve(&sc.run_as_username, passwd, group)?
-        }
-        _ => passwd::resolve(&image_user, passwd, group)?,
+        Some(sc) if !sc.run_as_username.is_empty() => resolve(&sc.run_as_username, passwd, group)?,
+        _ => resolve(&image_user, passwd, group)?,
     };
     if let Some(sc) = sc {
         if let Some(g) = &sc.run_as_group {
             resolved.gid = g.value as u32;
-        }
-        // Strict: only the groups the pod spec names, none from the image's /etc/group.
-        if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
-            resolved.additional_gids.clear();
         }
         let mut seen: HashSet<u32> = resolved.additional_gids.iter().copied().collect();
         for g in &sc.supplemental_groups {
@@ -774,6 +778,42 @@ mod tests {
             userns: None,
         });
         assert!(matches!(e, Err(SpecError::User(_))));
+    }
+
+    #[test]
+    fn image_groups_past_the_kernel_limit() {
+        let img = image();
+        let many = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("g{i}:x:{}:app\n", 10_000 + i))
+                .collect()
+        };
+        let group = many(200_000);
+        // Merge (the default): refused, as a user error (InvalidArgument).
+        let e = user(None, Some(&img), PASSWD, &group).unwrap_err();
+        assert!(
+            matches!(e, SpecError::User(UserError::TooManyGroups { .. })),
+            "{e}"
+        );
+        // Strict: the image's memberships are not read, so it runs.
+        let strict = cri::LinuxContainerSecurityContext {
+            supplemental_groups_policy: cri::SupplementalGroupsPolicy::Strict as i32,
+            supplemental_groups: vec![42],
+            ..Default::default()
+        };
+        let r = user(Some(&strict), Some(&img), PASSWD, &group).unwrap();
+        assert_eq!((r.uid, r.gid, r.additional_gids), (1000, 1000, vec![42]));
+        // The image at the limit plus one named group crosses it.
+        let merge = cri::LinuxContainerSecurityContext {
+            supplemental_groups: vec![42],
+            ..Default::default()
+        };
+        let group = many(passwd::NGROUPS_MAX);
+        assert!(user(None, Some(&img), PASSWD, &group).is_ok());
+        assert!(matches!(
+            user(Some(&merge), Some(&img), PASSWD, &group),
+            Err(SpecError::User(UserError::TooManyGroups { .. }))
+        ));
     }
 
     #[test]

@@ -69,6 +69,26 @@ fn is_member(members: &str, name: &str) -> bool {
 /// Resolves `user` ("" means root). A numeric uid missing from passwd is allowed
 /// (gid 0 then), a name missing is an error, as in the OCI image spec.
 pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<ResolvedUser, UserError> {
+    resolve_with(user, passwd, group, true)
+}
+
+/// As [`resolve`], but without the image's group memberships (supplementary
+/// groups policy Strict): `/etc/group` is read only for a named primary group,
+/// so an image with more memberships than the kernel takes still runs.
+pub fn resolve_without_memberships(
+    user: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<ResolvedUser, UserError> {
+    resolve_with(user, passwd, group, false)
+}
+
+fn resolve_with(
+    user: &str,
+    passwd: &str,
+    group: &str,
+    memberships: bool,
+) -> Result<ResolvedUser, UserError> {
     let (user_part, group_part) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -100,7 +120,7 @@ pub fn resolve(user: &str, passwd: &str, group: &str) -> Result<ResolvedUser, Us
     // One pass, a set for duplicates (a list scan was quadratic: 200,000 groups took
     // 35 s), and no further than the kernel would take.
     let mut additional_gids = Vec::new();
-    if group_part.is_none() {
+    if memberships && group_part.is_none() {
         if let Some(name) = entry.as_ref().map(|e| e.name) {
             let mut seen = std::collections::HashSet::new();
             for (_, g, members) in group_entries(group) {
@@ -180,6 +200,28 @@ mod tests {
         // At the limit exactly is fine.
         let r = resolve("app", PASSWD, &group_file(NGROUPS_MAX, "app")).unwrap();
         assert_eq!(r.additional_gids.len(), NGROUPS_MAX);
+    }
+
+    #[test]
+    fn duplicate_memberships_once_in_file_order() {
+        let group = "a:x:7:app\nb:x:8:app,app\nagain:x:7:app\nown:x:1000:app\nc:x:9:x,app\n";
+        let r = resolve("app", PASSWD, group).unwrap();
+        assert_eq!(
+            r.additional_gids,
+            vec![7, 8, 9],
+            "primary gid 1000 left out"
+        );
+    }
+
+    #[test]
+    fn without_memberships_ignores_the_group_count() {
+        let group = group_file(200_000, "app") + "staff:x:50:\n";
+        let r = resolve_without_memberships("app", PASSWD, &group).unwrap();
+        assert_eq!((r.uid, r.gid), (1000, 1000));
+        assert!(r.additional_gids.is_empty());
+        // A named primary group is still looked up.
+        let r = resolve_without_memberships("app:staff", PASSWD, &group).unwrap();
+        assert_eq!(r.gid, 50);
     }
 
     #[test]
