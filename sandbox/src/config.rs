@@ -54,6 +54,9 @@ pub struct VmConfig {
     /// CPU weight of the pod cgroup from the start (see
     /// [`crate::cgroup::PodCgroup::set_cpu_weight`]); `None` keeps the kernel's default.
     pub cpu_weight: Option<u64>,
+    /// OOM score adjustment of every host process of the VM from birth (the pod's
+    /// QoS; see docs/design.md); `None` inherits vesseld's.
+    pub oom_score_adj: Option<i32>,
 }
 
 impl VmConfig {
@@ -84,6 +87,7 @@ impl VmConfig {
             jail: Some(JailConfig::default()),
             cgroup_parent: None,
             cpu_weight: None,
+            oom_score_adj: None,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct VmmConfinement {
     pub vhost_vsock: Option<OwnedFd>,
     /// `/dev/vhost-net`, opened by vesseld (tap with vhost).
     pub vhost_net: Option<OwnedFd>,
+    /// The OOM score adjustment the VM process starts with.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A VM backend (QEMU today).
@@ -84,6 +86,10 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
 
     /// True while the guest runs (not paused, not shut down).
     async fn is_running(&self, dir: &RunDir) -> Result<bool>;
+
+    /// Resumes a VM the backend stopped on its own (an I/O error policy, a guest
+    /// panic action); vesseld pauses none itself.
+    async fn resume(&self, dir: &RunDir) -> Result<()>;
 }
 
 /// The backend stored under `name` in a state file.

@@ -10,15 +10,12 @@
 //!   vsock sockets) plus the sockets vesseld binds for them before the chown
 //!   (virtiofsd's listener, the readiness listener).
 
-use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, CWD};
-use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::error::{Error, Result};
@@ -26,88 +23,7 @@ use crate::error::{Error, Result};
 /// Size cap of a VM's run dir (console, logs, sockets, state).
 pub const RUN_DIR_TMPFS: &str = "size=8m,nr_inodes=256,mode=0711";
 
-/// Where the unprivileged uids of VMs come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JailConfig {
-    /// First uid (and gid) of the range.
-    pub uid_base: u32,
-    /// How many uids the range holds (at most that many VMs at once).
-    pub uid_count: u32,
-}
-
-impl Default for JailConfig {
-    fn default() -> Self {
-        // Above the usual /etc/subuid ranges' start; no passwd entry is needed.
-        Self {
-            uid_base: 200_000,
-            uid_count: 65_536,
-        }
-    }
-}
-
-/// The identity a VM's unprivileged processes run as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JailIds {
-    /// uid.
-    pub uid: u32,
-    /// gid (the same number as the uid).
-    pub gid: u32,
-}
-
-/// uids handed out by this process and the jail dirs that hold them. Sibling run
-/// dirs are the record across restarts; this covers VMs in other parent dirs.
-static ALLOCATED: Mutex<Option<HashMap<u32, PathBuf>>> = Mutex::new(None);
-
-/// Lowest uid of the range not in `used`.
-pub fn lowest_free(cfg: &JailConfig, used: &HashSet<u32>) -> Option<u32> {
-    (0..cfg.uid_count)
-        .filter_map(|i| cfg.uid_base.checked_add(i))
-        .find(|u| !used.contains(u))
-}
-
-fn owner_of(dir: &Path) -> Option<u32> {
-    std::fs::symlink_metadata(dir)
-        .ok()
-        .filter(|m| m.is_dir())
-        .map(|m| m.uid())
-}
-
-/// Picks the lowest uid of `cfg` that no sibling of `run_dir` (nor any VM of this
-/// process) uses, and runs `prepare(uid)` — which must make `<run_dir>/j` owned by
-/// it — under the allocation lock, so two starts never get the same uid.
-pub fn allocate<T>(
-    cfg: &JailConfig,
-    run_dir: &Path,
-    prepare: impl FnOnce(JailIds) -> Result<T>,
-) -> Result<(JailIds, T)> {
-    let mut guard = ALLOCATED.lock().unwrap_or_else(|p| p.into_inner());
-    let allocated = guard.get_or_insert_with(HashMap::new);
-    let in_range = |u: u32| u >= cfg.uid_base && u - cfg.uid_base < cfg.uid_count;
-    // Forget uids whose jail dir is gone (or was given to another uid).
-    allocated.retain(|uid, dir| owner_of(dir) == Some(*uid));
-    let mut used: HashSet<u32> = allocated.keys().copied().collect();
-    if let Some(parent) = run_dir.parent() {
-        if let Ok(entries) = std::fs::read_dir(parent) {
-            for e in entries.flatten() {
-                if let Some(uid) = owner_of(&e.path().join(JAIL_DIR)) {
-                    if in_range(uid) {
-                        used.insert(uid);
-                    }
-                }
-            }
-        }
-    }
-    let uid = lowest_free(cfg, &used).ok_or_else(|| {
-        Error::InvalidConfig(format!(
-            "all {} VM uids from {} are in use",
-            cfg.uid_count, cfg.uid_base
-        ))
-    })?;
-    let ids = JailIds { uid, gid: uid };
-    let out = prepare(ids)?;
-    allocated.insert(uid, run_dir.join(JAIL_DIR));
-    Ok((ids, out))
-}
+pub use crate::uids::{JailConfig, JailIds};
 
 /// Name of the jail dir inside a run dir.
 pub const JAIL_DIR: &str = "j";
@@ -302,62 +218,6 @@ pub fn kvm_group(dev: &Path) -> Result<Option<u32>> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn lowest_free_skips_used() {
-        let cfg = JailConfig {
-            uid_base: 1000,
-            uid_count: 3,
-        };
-        let mut used = HashSet::new();
-        assert_eq!(lowest_free(&cfg, &used), Some(1000));
-        used.insert(1000);
-        used.insert(1002);
-        assert_eq!(lowest_free(&cfg, &used), Some(1001));
-        used.insert(1001);
-        assert_eq!(lowest_free(&cfg, &used), None);
-    }
-
-    #[test]
-    fn allocates_distinct_uids_from_sibling_dirs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let cfg = JailConfig {
-            uid_base: 4_000_000_000,
-            uid_count: 10,
-        };
-        let prep = |run: &Path| {
-            let run = run.to_path_buf();
-            move |ids: JailIds| {
-                let j = run.join(JAIL_DIR);
-                std::fs::create_dir_all(&j).unwrap();
-                chown_jail_dir(&j, ids)
-            }
-        };
-        let (a_dir, b_dir, c_dir) = (
-            tmp.path().join("a"),
-            tmp.path().join("b"),
-            tmp.path().join("c"),
-        );
-        let (a, _) = allocate(&cfg, &a_dir, prep(&a_dir)).unwrap();
-        let (b, _) = allocate(&cfg, &b_dir, prep(&b_dir)).unwrap();
-        assert_eq!(a.uid, 4_000_000_000);
-        assert_eq!(b.uid, 4_000_000_001);
-        assert_eq!(owner_of(&b_dir.join(JAIL_DIR)), Some(b.uid));
-        let m = std::fs::metadata(b_dir.join(JAIL_DIR)).unwrap();
-        assert_eq!(m.permissions().mode() & 0o777, 0o700);
-        // A freed uid is reused (lowest first).
-        std::fs::remove_dir_all(&a_dir).unwrap();
-        let (c, _) = allocate(&cfg, &c_dir, prep(&c_dir)).unwrap();
-        assert_eq!(c.uid, 4_000_000_000);
-        // A failed preparation takes nothing.
-        let d_dir = tmp.path().join("d");
-        let err = allocate(&cfg, &d_dir, |_| -> Result<()> {
-            Err(Error::InvalidConfig("no".into()))
-        });
-        assert!(err.is_err());
-        let (d, _) = allocate(&cfg, &d_dir, prep(&d_dir)).unwrap();
-        assert_eq!(d.uid, 4_000_000_002);
-    }
 
     #[tokio::test]
     async fn connect_refuses_symlinks_and_foreign_sockets() {

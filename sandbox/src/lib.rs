@@ -38,6 +38,7 @@ pub mod ready;
 pub mod seccomp;
 pub mod state;
 pub mod tsc;
+pub mod uids;
 pub mod vm;
 pub mod vsock;
 

@@ -65,6 +65,10 @@ pub struct Confine {
     /// world-writable dirs (/tmp, /var/tmp, /dev/shm, ...) are covered by an empty
     /// read-only tmpfs, except those above these paths (run dir, guest files).
     pub private_tmp: Option<Vec<std::path::PathBuf>>,
+    /// The OOM killer's score adjustment (-1000..=1000), set as root before the uid
+    /// change: the process (and all it forks) is then killed in the order the pod's
+    /// QoS asks, never with vesseld's own protection, and cannot lower it again.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// Host dirs anyone may write to, which an unprivileged VMM would otherwise use to
@@ -130,6 +134,9 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
         .map(|&g| rustix::process::Gid::from_raw_unchecked(g))
         .collect();
     let seccomp = confine.seccomp.clone();
+    let oom_score_adj = confine
+        .oom_score_adj
+        .map(|v| v.clamp(-1000, 1000).to_string().into_bytes());
     let mask = match (&confine.private_tmp, confine.user) {
         (Some(keep), Some(_)) => {
             let mut keep = keep.clone();
@@ -176,7 +183,7 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
         cmd.current_dir(cwd);
     }
     // SAFETY: the closure runs between fork and exec and only makes raw syscalls
-    // (setsid, write, setns, fcntl, setgroups/setgid/setuid, prctl, seccomp) on
+    // (setsid, open, write, setns, fcntl, setgroups/setgid/setuid, prctl, seccomp) on
     // descriptors and data prepared before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -184,6 +191,14 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
             for &fd in &cgroup_procs {
                 // SAFETY: the caller keeps the cgroup.procs descriptors open.
                 rustix::io::write(BorrowedFd::borrow_raw(fd), b"0")?;
+            }
+            if let Some(score) = &oom_score_adj {
+                let f = rustix::fs::open(
+                    c"/proc/self/oom_score_adj",
+                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )?;
+                rustix::io::write(&f, score)?;
             }
             if let Some(ns) = &netns {
                 rustix::thread::move_into_link_name_space(

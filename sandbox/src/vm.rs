@@ -115,7 +115,10 @@ impl Liveness {
     /// Resolves, with how long it has been silent, once `agent` has answered no
     /// Health for `unresponsive`. Each check gets at most what is left of that
     /// window (and at least one interval), so a hung call cannot stretch it much.
-    async fn silent(self, agent: &AgentClient) -> Duration {
+    ///
+    /// A failed check first asks the VMM whether it stopped the VM on its own and
+    /// resumes it: a stopped VM must not stay READY and silent.
+    async fn silent(self, agent: &AgentClient, hv: &dyn Hypervisor, dir: &RunDir) -> Duration {
         let mut last_answer = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.interval).await;
@@ -128,6 +131,15 @@ impl Liveness {
                         return silent;
                     }
                     tracing::debug!(?silent, "agent Health failed: {e}");
+                    if let Ok(false) = hv.is_running(dir).await {
+                        match hv.resume(dir).await {
+                            Ok(()) => tracing::warn!(
+                                "the VMM had stopped the pod VM (an I/O error or guest panic); \
+                                 resumed it"
+                            ),
+                            Err(e) => tracing::warn!("cannot resume the stopped pod VM: {e}"),
+                        }
+                    }
                 }
             }
         }
@@ -393,7 +405,8 @@ impl PodVm {
         };
         let (ids, (fs_listener, ready)) = match &cfg.jail {
             Some(range) => {
-                let (ids, out) = jail::allocate(range, dir.root(), |ids| prepare(Some(ids)))?;
+                let (ids, out) =
+                    crate::uids::allocate(range, dir.root(), |ids| prepare(Some(ids)))?;
                 (Some(ids), out)
             }
             None => (None, prepare(None)?),
@@ -412,6 +425,7 @@ impl PodVm {
             vhost_net: (ids.is_some() && cfg.net.is_some() && Path::new(VHOST_NET_DEV).exists())
                 .then(|| open_dev(VHOST_NET_DEV))
                 .transpose()?,
+            oom_score_adj: cfg.oom_score_adj,
         };
         let in_cgroup = Confine {
             cgroup_procs: vmm_confine
@@ -419,6 +433,7 @@ impl PodVm {
                 .iter()
                 .map(|f| f.as_raw_fd())
                 .collect(),
+            oom_score_adj: cfg.oom_score_adj,
             ..Confine::default()
         };
 
@@ -532,6 +547,7 @@ impl PodVm {
         let supervisor = {
             let (vmm, stopping, id) = (vmm.clone(), stopping.clone(), id.clone());
             let agent = agent.clone();
+            let (hv, run_dir) = (hypervisor.clone(), dir.clone());
             let helpers: Vec<(&'static str, Proc)> = vsock_helper
                 .iter()
                 .map(|p| ("vhost-device-vsock", p.clone()))
@@ -551,7 +567,7 @@ impl PodVm {
                         }
                         vmm.exited().await;
                     }
-                    silent = liveness.silent(&agent) => {
+                    silent = liveness.silent(&agent, hv.as_ref(), &run_dir) => {
                         // QEMU runs but the guest is hung or its agent gone: as
                         // useless as a dead VM, and only a kill frees what it holds.
                         if !stopping.load(Ordering::SeqCst) {
@@ -704,6 +720,11 @@ impl PodVm {
     /// The pod cgroup every host process of the VM runs in.
     pub fn cgroup(&self) -> Option<PodCgroup> {
         self.confined().cgroup
+    }
+
+    /// What [`set_oom_score_adj`] needs to reach every host process of this VM.
+    pub fn oom_targets(&self) -> (Vec<i32>, Option<PodCgroup>) {
+        (self.pids(), self.cgroup())
     }
 
     fn confined(&self) -> Confined {
@@ -868,6 +889,25 @@ async fn wait_for_agent(
             ),
         }),
     }
+}
+
+/// Sets the OOM score adjustment of a VM's host processes: `pids` and everything in
+/// its pod cgroup (all they forked). Blocking.
+pub fn set_oom_score_adj(pids: Vec<i32>, cgroup: Option<&PodCgroup>, score: i32) -> Result<()> {
+    let mut all: std::collections::BTreeSet<i32> = pids.into_iter().collect();
+    all.extend(cgroup.map(PodCgroup::pids).unwrap_or_default());
+    let value = score.clamp(-1000, 1000).to_string();
+    for pid in all {
+        let path = PathBuf::from(format!("/proc/{pid}/oom_score_adj"));
+        match std::fs::write(&path, &value) {
+            Ok(()) => {}
+            // Exited meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

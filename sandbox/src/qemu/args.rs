@@ -175,7 +175,7 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, vhost_net: bool) -> Vec<OsString> {
         a.push(
             format!(
                 "file=/dev/fdset/{SCRATCH_FDSET},if=none,id=scratch,format=raw,\
-                 cache=writeback,aio=threads,discard=unmap"
+                 cache=writeback,aio=threads,discard=unmap,werror=report,rerror=report"
             )
             .into(),
         );
@@ -476,7 +476,8 @@ mod tests {
         );
         assert_eq!(
             value_of(&a, "-drive"),
-            ["file=/dev/fdset/2,if=none,id=scratch,format=raw,cache=writeback,aio=threads,discard=unmap"]
+            ["file=/dev/fdset/2,if=none,id=scratch,format=raw,cache=writeback,aio=threads,discard=unmap,\
+             werror=report,rerror=report"]
         );
         assert!(value_of(&a, "-device")
             .contains(&"virtio-blk-device,drive=scratch,serial=vessel-scratch"));

@@ -82,6 +82,7 @@ impl Hypervisor for Qemu {
             );
             confine.cgroup_procs = c.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
             confine.cwd = Some(spec.dir.jail());
+            confine.oom_score_adj = c.oom_score_adj;
             if let Some(ids) = c.ids {
                 confine.user = Some((ids.uid, ids.gid));
                 let cfg = spec.config;
@@ -130,6 +131,10 @@ impl Hypervisor for Qemu {
             Err(Error::Qmp(m)) if m.contains("connection closed") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    async fn resume(&self, dir: &RunDir) -> Result<()> {
+        qmp::execute(&dir.qmp(), "cont", None).await.map(drop)
     }
 
     async fn is_running(&self, dir: &RunDir) -> Result<bool> {

@@ -9,6 +9,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::error::{Error, Result};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes vesseld reads from one QMP connection (one command): QEMU runs as the
+/// VM's uid, so once exploited it could answer with an endless line.
+const MAX_QMP_BYTES: u64 = 1 << 20;
 
 /// Runs `command` (with `arguments`) and returns its `return` value.
 pub async fn execute(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value> {
@@ -23,7 +26,7 @@ async fn execute_inner(socket: &Path, command: &str, arguments: Option<Value>) -
         .await
         .map_err(|e| Error::Qmp(format!("connect {}: {e}", socket.display())))?;
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
+    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_QMP_BYTES)).lines();
     let greeting = next_message(&mut lines).await?;
     if greeting.get("QMP").is_none() {
         return Err(Error::Qmp(format!("unexpected greeting {greeting}")));
@@ -46,7 +49,7 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> Result<()>
         .map_err(|e| Error::Qmp(format!("write: {e}")))
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+type Lines = tokio::io::Lines<BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>>;
 
 async fn next_message(lines: &mut Lines) -> Result<Value> {
     let line = lines
