@@ -38,6 +38,25 @@ pub enum StorageError {
         /// Exit status and stderr.
         message: String,
     },
+    /// A new scratch disk would promise more than the filesystem can back.
+    #[error(
+        "no room for a scratch disk of {need} bytes: the pods' disks may still grow by \
+         {promised} bytes and {dir} has {available} bytes free (scratch_overcommit \
+         {ratio}); free space there, lower writable_layer_mib or raise \
+         [containers] scratch_overcommit"
+    )]
+    NoRoom {
+        /// The new disk's size.
+        need: u64,
+        /// What the existing disks may still take (apparent size minus allocated).
+        promised: u64,
+        /// Free bytes of the filesystem.
+        available: u64,
+        /// The allowed overcommit.
+        ratio: f64,
+        /// The disks' directory.
+        dir: PathBuf,
+    },
 }
 
 impl StorageError {

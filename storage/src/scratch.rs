@@ -26,6 +26,11 @@ pub const MIN_SIZE_MIB: u64 = 16;
 pub struct ScratchDisks {
     dir: PathBuf,
     mkfs: PathBuf,
+    /// How many times the free space the disks may promise (they are sparse).
+    overcommit: f64,
+    /// Held across the room check and the file's creation, so two creations
+    /// never both count on the same free space.
+    creating: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// A created scratch disk, open read-write for the VMM.
@@ -48,13 +53,55 @@ pub struct ScratchUsage {
     pub inodes_used: u64,
 }
 
+/// Default of [`ScratchDisks::with_overcommit`]: sparse disks that all filled up
+/// at once could take ten times the free space; past that a pod is refused.
+pub const DEFAULT_OVERCOMMIT: f64 = 10.0;
+
 impl ScratchDisks {
     /// Disks live in `dir` (created 0700 on first use); `mkfs` is `mkfs.ext4`.
     pub fn new(dir: impl Into<PathBuf>, mkfs: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             mkfs: mkfs.into(),
+            overcommit: DEFAULT_OVERCOMMIT,
+            creating: Default::default(),
         }
+    }
+
+    /// Lets the disks promise `ratio` times the filesystem's free space.
+    pub fn with_overcommit(mut self, ratio: f64) -> Self {
+        self.overcommit = ratio;
+        self
+    }
+
+    /// Refuses a disk of `need` bytes when what the disks may still grow by, plus
+    /// `need`, passes the free space times the overcommit ratio: a disk that can
+    /// never be backed fails its writer's pod later, and fills the node for all.
+    fn check_room(&self, need: u64) -> Result<(), StorageError> {
+        let st = rustix::fs::statvfs(&self.dir)
+            .map_err(|e| StorageError::io("statvfs", &self.dir)(e.into()))?;
+        let available = st.f_bavail.saturating_mul(st.f_frsize);
+        let mut promised = 0u64;
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for entry in rd.flatten() {
+                if let Ok(m) = std::fs::symlink_metadata(entry.path()) {
+                    if m.is_file() {
+                        promised += m.len().saturating_sub(m.blocks() * 512);
+                    }
+                }
+            }
+        }
+        let allowed = available as f64 * self.overcommit;
+        if (promised.saturating_add(need)) as f64 > allowed {
+            return Err(StorageError::NoRoom {
+                need,
+                promised,
+                available,
+                ratio: self.overcommit,
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The directory holding the disks.
@@ -90,6 +137,8 @@ impl ScratchDisks {
             .create(&self.dir)
             .map_err(StorageError::io("create", &self.dir))?;
         let path = self.path(pod_id);
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_room(bytes)?;
         // create_new + O_NOFOLLOW: never reuse or follow anything already there.
         let file = OpenOptions::new()
             .read(true)
@@ -99,10 +148,12 @@ impl ScratchDisks {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(StorageError::io("create", &path))?;
-        let made = file
+        let sized = file
             .set_len(bytes)
-            .map_err(StorageError::io("truncate", &path))
-            .and_then(|()| self.format(&path));
+            .map_err(StorageError::io("truncate", &path));
+        // Counted by the next room check from here (its apparent size).
+        drop(_creating);
+        let made = sized.and_then(|()| self.format(&path));
         // Reopened through the descriptor, not the path: the very same file.
         let made = made.and_then(|()| {
             let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -267,6 +318,27 @@ mod tests {
         // Never reused: a second create of the same pod fails and keeps the first.
         assert!(d.create("ab", 64).is_err());
         assert!(d.path("ab").exists());
+    }
+
+    #[test]
+    fn a_disk_the_filesystem_cannot_back_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sdir = dir.path().join("s");
+        std::fs::create_dir(&sdir).unwrap();
+        let st = rustix::fs::statvfs(&sdir).unwrap();
+        let free_mib = st.f_bavail * st.f_frsize >> 20;
+        // Half the free space, without overcommit: one fits, a second does not.
+        let d = disks(dir.path()).with_overcommit(1.0);
+        let half = (free_mib / 2).max(64);
+        let d = ScratchDisks { dir: sdir.clone(), ..d };
+        d.create("aa", half).unwrap();
+        let e = d.create("bb", half + 64).unwrap_err();
+        assert!(matches!(e, StorageError::NoRoom { .. }), "{e}");
+        assert!(e.to_string().contains("scratch_overcommit"), "{e}");
+        assert!(!d.path("bb").exists(), "a refused disk leaves nothing");
+        // With room to overcommit, it is made.
+        let d = d.with_overcommit(4.0);
+        d.create("bb", half + 64).unwrap();
     }
 
     #[test]
