@@ -10,7 +10,7 @@ use futures::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::registry::{stream_digest_error, BlobStream};
+use crate::registry::BlobStream;
 use crate::{DownloadLimits, ImageError};
 
 /// Checks that `digest` is `sha256:<64 lowercase hex>` and returns the hex.
@@ -216,14 +216,6 @@ impl ContentStore {
             let Some(chunk) = next else { break };
             let chunk = match chunk {
                 Ok(c) => c,
-                // oci-client verifies too and reports a mismatch at the end of the
-                // stream; report it with our own hash of what was received.
-                Err(e) if stream_digest_error(&e) => {
-                    return Err(ImageError::DigestMismatch {
-                        expected: digest.to_owned(),
-                        actual: format!("sha256:{}", hex::encode(hasher.finalize())),
-                    });
-                }
                 Err(e) => {
                     return Err(ImageError::Registry(format!(
                         "download of {digest}: {}",

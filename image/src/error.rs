@@ -16,7 +16,8 @@ pub enum ErrorCode {
     PermissionDenied,
     /// Content did not match its digest or was hostile.
     DataLoss,
-    /// The registry could not be reached or failed.
+    /// The registry could not be reached or failed, or answered past what this node
+    /// accepts (an oversized answer, a redirect to a local address).
     Unavailable,
     /// The registry was too slow: a download fell below the minimum rate.
     DeadlineExceeded,
@@ -66,6 +67,34 @@ pub enum ImageError {
     /// The registry failed or sent something unusable.
     #[error("registry: {0}")]
     Registry(String),
+    /// A registry's answer (token, manifest) is larger than vesseld reads; the rest
+    /// was not read.
+    #[error("{subject}: {body} too large ({seen} bytes or more, limit {limit})")]
+    ResponseTooLarge {
+        /// What was being fetched, from where.
+        subject: String,
+        /// Which answer ("manifest", "token response").
+        body: &'static str,
+        /// Bytes declared or received when it was refused.
+        seen: u64,
+        /// The cap, in bytes.
+        limit: u64,
+    },
+    /// The registry sent vesseld (a redirect, a token realm) to a local address,
+    /// which is not reached from the host's network namespace for a registry not
+    /// configured as local. Nothing was sent there.
+    #[error(
+        "{subject}: refused to follow the registry to {target}: a {reason} address, \
+         reached only for a registry with local = true in its hosts.toml"
+    )]
+    RedirectRefused {
+        /// What was being fetched, from where.
+        subject: String,
+        /// Where the registry pointed (bounded).
+        target: String,
+        /// What kind of address it is ("loopback", "link-local", ...).
+        reason: &'static str,
+    },
     /// The registry sent too slowly (below the configured minimum rate or past the
     /// manifest deadline).
     #[error("registry too slow: {0}")]
@@ -125,7 +154,9 @@ impl ImageError {
             ImageError::DigestMismatch { .. } | ImageError::UnsafeLayer { .. } => {
                 ErrorCode::DataLoss
             }
-            ImageError::Registry(_) => ErrorCode::Unavailable,
+            ImageError::Registry(_)
+            | ImageError::ResponseTooLarge { .. }
+            | ImageError::RedirectRefused { .. } => ErrorCode::Unavailable,
             ImageError::TooSlow(_) => ErrorCode::DeadlineExceeded,
             ImageError::Unsupported(_) | ImageError::LimitExceeded { .. } => {
                 ErrorCode::InvalidArgument

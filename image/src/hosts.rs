@@ -7,6 +7,11 @@
 //! Pull credentials go to the `server` (the registry they were given for) when it is
 //! reached over HTTPS, and to no other host unless its table says
 //! `send_credentials = true` (which also allows them over plain HTTP).
+//!
+//! A host's redirects and token realm are not followed to loopback, link-local or
+//! cloud metadata addresses unless its table (or the top level, for the `server`)
+//! says `local = true`: the registry is then trusted to point vesseld at services
+//! of the host's own network namespace. The configured host itself is always reached.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +38,8 @@ pub struct RegistryHost {
     pub send_credentials: bool,
     /// The registry itself (the `server`), not a mirror.
     pub upstream: bool,
+    /// May send vesseld to local addresses (`local = true`, see the module docs).
+    pub local: bool,
 }
 
 impl RegistryHost {
@@ -52,6 +59,7 @@ impl RegistryHost {
             ca: Vec::new(),
             send_credentials: false,
             upstream: true,
+            local: false,
         }
     }
 
@@ -71,6 +79,7 @@ struct HostFields {
     ca: Option<OneOrMany>,
     override_path: Option<bool>,
     send_credentials: Option<bool>,
+    local: Option<bool>,
     // Accepted for compatibility, not supported.
     #[serde(rename = "client")]
     _client: Option<toml::Value>,
@@ -96,6 +105,7 @@ struct HostFieldsLoose {
     skip_verify: Option<bool>,
     ca: Option<OneOrMany>,
     send_credentials: Option<bool>,
+    local: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +196,7 @@ pub fn parse_hosts_toml(
             ca: fields.ca.map(|c| c.paths(base)).unwrap_or_default(),
             send_credentials: fields.send_credentials.unwrap_or(false),
             upstream: false,
+            local: fields.local.unwrap_or(false),
         });
     }
     let mut upstream = RegistryHost::upstream(registry);
@@ -200,6 +211,7 @@ pub fn parse_hosts_toml(
     upstream.skip_verify = parsed.fields.skip_verify.unwrap_or(false);
     upstream.ca = parsed.fields.ca.map(|c| c.paths(base)).unwrap_or_default();
     upstream.send_credentials = parsed.fields.send_credentials.unwrap_or(false);
+    upstream.local = parsed.fields.local.unwrap_or(false);
     hosts.push(upstream);
     Ok(hosts)
 }
@@ -276,6 +288,7 @@ server = "https://registry-1.docker.io"
                 ca: vec![],
                 send_credentials: false,
                 upstream: false,
+                local: false,
             }
         );
         assert!(!hosts[1].plain_http);
@@ -359,6 +372,34 @@ server = "https://reg.example"
         assert!(plain[0].gets_credentials());
         // No hosts.toml: the registry over HTTPS.
         assert!(RegistryHost::upstream("quay.io").gets_credentials());
+    }
+
+    #[test]
+    fn local_is_per_host_and_off_by_default() {
+        let hosts = parse(
+            r#"
+server = "http://127.0.0.1:5000"
+local = true
+
+[host."http://127.0.0.1:5001"]
+
+[host."http://10.0.0.7:5000"]
+  local = true
+"#,
+            "127.0.0.1:5000",
+        )
+        .unwrap();
+        let local: Vec<(&str, bool)> = hosts.iter().map(|h| (h.host.as_str(), h.local)).collect();
+        assert_eq!(
+            local,
+            vec![
+                ("127.0.0.1:5001", false),
+                ("10.0.0.7:5000", true),
+                ("127.0.0.1:5000", true),
+            ]
+        );
+        assert!(!parse("", "docker.io").unwrap()[0].local);
+        assert!(parse("[host.\"https://m.example\"]\nlocal = \"yes\"\n", "x").is_err());
     }
 
     #[test]

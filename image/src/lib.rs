@@ -10,6 +10,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 pub mod hosts;
+mod http;
 mod image;
 mod meta;
 mod mounts;
@@ -20,6 +21,7 @@ mod store;
 pub mod unpack;
 
 pub use error::{ErrorCode, ImageError};
+pub use http::registry_bytes_refused;
 pub use image::{Image, RegistryAuth};
 pub use mounts::mount_point;
 pub use reference::{normalize_reference, ImageRef};

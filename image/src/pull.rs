@@ -291,9 +291,7 @@ impl Inner {
                 .acquire()
                 .await
                 .map_err(|e| ImageError::Store(e.to_string()))?;
-            let stream = registry
-                .blob_stream(&digest, job.blob.size, &job.blob.media_type)
-                .await?;
+            let stream = registry.blob_stream(&digest).await?;
             // Ends the download (ingest removes its file) once the budget is gone.
             let b = budget.clone();
             let stream = stream
@@ -400,9 +398,7 @@ impl Inner {
             format!("blob {}", d.digest),
             || self.content.exists(&d.digest),
             async move {
-                let stream = registry
-                    .blob_stream(&desc.digest, desc.size, &desc.media_type)
-                    .await?;
+                let stream = registry.blob_stream(&desc.digest).await?;
                 let n = this
                     .content
                     .ingest(&desc.digest, Some(desc.size as u64), stream)

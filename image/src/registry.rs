@@ -1,21 +1,29 @@
-//! Talking to registries through `oci-client`: endpoints from `hosts.toml`, credentials,
-//! manifest fetch and blob streams, with registry errors mapped to [`ImageError`].
+//! Talking to registries: endpoints from `hosts.toml`, credentials, the token
+//! handshake, manifest fetch and blob streams, with registry errors mapped to
+//! [`ImageError`].
+//!
+//! All of it goes through vesseld's own reqwest client per endpoint
+//! ([`crate::http`]: capped, time-bounded reads, a redirect policy and resolver that
+//! keep a registry from sending vesseld to local addresses). `oci-client` is used
+//! for its types only: its `Client` reads token answers, error bodies and redirect
+//! answers whole, without a bound.
 
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use futures::TryStreamExt as _;
 use oci_client::errors::OciEnvelope;
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
     OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth as OciAuth;
-use oci_client::{Client, Reference, RegistryOperation};
 
 use crate::hosts::{load_hosts, RegistryHost};
+use crate::http::{
+    bounded_text, error_body, find_refused, read_capped, BodyError, Guard, MAX_TOKEN_BYTES,
+};
 use crate::reference::ImageRef;
 use crate::{DownloadLimits, ImageError, RegistryAuth};
 
@@ -29,6 +37,10 @@ const MANIFEST_TYPES: &[&str] = &[
 
 /// Largest manifest or index accepted; real ones are a few KiB.
 pub(crate) const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// Longest a registry answer (up to a blob's first byte, or a whole manifest) may
+/// take when the download rate check is off: it still ends.
+const ANSWER_DEADLINE_WITHOUT_RATE: Duration = Duration::from_secs(300);
 
 /// A byte stream of one blob, as received.
 pub(crate) type BlobStream = BoxStream<'static, Result<bytes::Bytes, std::io::Error>>;
@@ -67,18 +79,24 @@ impl RegistryAuth {
     }
 }
 
-/// Maps an `oci-client` error about `what` to ours.
+/// Maps an `oci-client` error about `what` to ours. Registry text in it is bounded
+/// ([`bounded_text`]): it goes into the log and the CRI answer.
 pub(crate) fn map_oci_error(e: OciDistributionError, what: &str) -> ImageError {
     match e {
-        OciDistributionError::UnauthorizedError { url } => {
-            ImageError::Unauthenticated(format!("{what}: registry answered 401 for {url}"))
-        }
+        OciDistributionError::UnauthorizedError { url } => ImageError::Unauthenticated(format!(
+            "{what}: registry answered 401 for {}",
+            bounded_text(&url)
+        )),
         OciDistributionError::AuthenticationFailure(reason) => {
-            ImageError::Unauthenticated(format!("{what}: {reason}"))
+            ImageError::Unauthenticated(format!("{what}: {}", bounded_text(&reason)))
         }
         OciDistributionError::RegistryError { envelope, url } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            let msg = format!("{what}: {envelope} ({url})");
+            let msg = format!(
+                "{what}: {} ({})",
+                bounded_text(&envelope.to_string()),
+                bounded_text(&url)
+            );
             if codes
                 .iter()
                 .any(|c| matches!(c, OciErrorCode::Unauthorized))
@@ -101,26 +119,18 @@ pub(crate) fn map_oci_error(e: OciDistributionError, what: &str) -> ImageError {
             }
         }
         OciDistributionError::ServerError { code, url, message } => {
-            let msg = format!("{what}: HTTP {code} from {url}: {message}");
-            match code {
-                401 => ImageError::Unauthenticated(msg),
-                403 => ImageError::PermissionDenied(msg),
-                404 => ImageError::NotFound(msg),
-                _ => ImageError::Registry(msg),
-            }
-        }
-        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
-            ImageError::DigestMismatch { expected, actual }
+            server_error(code, &url, &bounded_text(&message), what)
         }
         OciDistributionError::ImageManifestNotFoundError(m) => {
-            ImageError::NotFound(format!("{what}: {m}"))
+            ImageError::NotFound(format!("{what}: {}", bounded_text(&m)))
         }
         other => ImageError::Registry(format!("{what}: {}", with_causes(&other))),
     }
 }
 
-/// An error and its sources, "a: b: c": HTTP client errors keep the reason that
-/// matters (an unknown certificate issuer, a refused connection) in their sources.
+/// An error and its sources, "a: b: c", bounded: HTTP client errors keep the reason
+/// that matters (an unknown certificate issuer, a refused connection) in their
+/// sources, and carry URLs a registry chose.
 pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -132,21 +142,109 @@ pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
+    bounded_text(&text)
+}
+
+/// An HTTP client error about `what`: a refused redirect or address is its own
+/// error, a timeout is the registry being too slow.
+fn http_error(e: &reqwest::Error, what: &str) -> ImageError {
+    if let Some(r) = find_refused(e) {
+        return ImageError::RedirectRefused {
+            subject: what.to_owned(),
+            target: r.target,
+            reason: r.reason,
+        };
+    }
+    ImageError::Registry(format!("{what}: {}", with_causes(e)))
+}
+
+/// The error for a non-success answer about `what`: `status` and the (bounded)
+/// start of its body, parsed as an OCI error envelope for client errors, as the
+/// spec has it. `cut` says why the body read stopped early, if it did.
+fn status_error(
+    status: reqwest::StatusCode,
+    url: &str,
+    body: &[u8],
+    cut: Option<String>,
+    what: &str,
+) -> ImageError {
+    let url = url.to_owned();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return map_oci_error(OciDistributionError::UnauthorizedError { url }, what);
+    }
+    if status.is_client_error() {
+        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
+            return map_oci_error(OciDistributionError::RegistryError { envelope, url }, what);
+        }
+    }
+    server_error(status.as_u16(), &url, &body_text(body, cut), what)
+}
+
+/// A body prefix for a message: bounded, then why it stopped.
+fn body_text(body: &[u8], cut: Option<String>) -> String {
+    let mut text = bounded_text(&String::from_utf8_lossy(body));
+    if let Some(cut) = cut {
+        text.push_str(&format!(" ({cut})"));
+    }
     text
 }
 
-/// One endpoint with its own HTTP client (TLS settings differ per host) and the
-/// credentials it may see.
+/// An HTTP status error; `message` is already bounded.
+fn server_error(code: u16, url: &str, message: &str, what: &str) -> ImageError {
+    let msg = format!("{what}: HTTP {code} from {}: {message}", bounded_text(url));
+    match code {
+        401 => ImageError::Unauthenticated(msg),
+        403 => ImageError::PermissionDenied(msg),
+        404 => ImageError::NotFound(msg),
+        _ => ImageError::Registry(msg),
+    }
+}
+
+/// A `Bearer` challenge's parameters (`realm`, `service`, `scope`), from a
+/// `WWW-Authenticate` value; None for other schemes.
+fn bearer_challenge(value: &str) -> Option<Vec<(String, String)>> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() || chars.next() != Some('=') {
+            break;
+        }
+        let mut val = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => val.extend(chars.next()),
+                    c => val.push(c),
+                }
+            }
+        } else {
+            val = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect();
+        }
+        params.push((key.trim().to_ascii_lowercase(), val.trim().to_owned()));
+    }
+    Some(params)
+}
+
+/// One endpoint with its own HTTP client (TLS settings, redirect policy and resolver
+/// differ per host) and the credentials it may see.
 struct Endpoint {
     host: RegistryHost,
-    client: Client,
-    /// The same TLS settings, for manifest fetches (streamed with a size cap).
     http: reqwest::Client,
+    /// Where its requests may go: the token realm is checked against it.
+    guard: Guard,
     auth: OciAuth,
     /// Credentials were given but are not sent to this host.
     withheld: bool,
-    /// The bearer token of the first manifest fetch (None: none needed), reused for
-    /// the pull's other manifests: `Client::auth` asks the token server every time.
+    /// The bearer token of the first handshake (None: none needed), reused for the
+    /// pull's other requests.
     token: tokio::sync::Mutex<Option<Option<String>>>,
 }
 
@@ -154,11 +252,20 @@ struct Endpoint {
 pub(crate) struct Registry {
     endpoints: Vec<Endpoint>,
     image: ImageRef,
-    /// Longest a manifest fetch from one host may take.
-    manifest_deadline: Option<Duration>,
+    /// Longest a manifest fetch from one host may take, and a blob's answer up to its
+    /// first body byte (then the rate check takes over).
+    answer_deadline: Duration,
 }
 
 impl Endpoint {
+    fn scheme(&self) -> &'static str {
+        if self.host.plain_http {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
     /// Adds why an authentication failure may have happened: the credentials were
     /// not sent here.
     fn explain(&self, e: ImageError) -> ImageError {
@@ -178,6 +285,121 @@ impl Endpoint {
             e => e,
         }
     }
+
+    /// The token for pulling `repository`, once per endpoint and pull.
+    async fn token(&self, repository: &str, what: &str) -> Result<Option<String>, ImageError> {
+        let mut cached = self.token.lock().await;
+        if let Some(token) = &*cached {
+            return Ok(token.clone());
+        }
+        let token = self.handshake(repository, what).await?;
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    /// The distribution spec's token handshake: `/v2/` answers 401 with a Bearer
+    /// challenge naming the token server (`realm`), which is asked for a pull token
+    /// of `repository` (with Basic credentials if any). None: no token is needed
+    /// (no challenge, or a Basic one: the credentials then go with each request).
+    async fn handshake(&self, repository: &str, what: &str) -> Result<Option<String>, ImageError> {
+        if let OciAuth::Bearer(token) = &self.auth {
+            return Ok(Some(token.clone()));
+        }
+        let url = format!("{}://{}/v2/", self.scheme(), self.host.host);
+        // Its body is not read: dropping the answer closes the connection.
+        let probe = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| http_error(&e, what))?;
+        let Some(challenge) = probe
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_challenge)
+        else {
+            return Ok(None);
+        };
+        drop(probe);
+        let param = |k: &str| challenge.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        let realm = param("realm").ok_or_else(|| {
+            ImageError::Unauthenticated(format!("{what}: Bearer challenge without a realm"))
+        })?;
+        let realm_url = reqwest::Url::parse(realm).map_err(|e| {
+            ImageError::Unauthenticated(format!("{what}: token realm {}: {e}", bounded_text(realm)))
+        })?;
+        self.guard
+            .check(&realm_url)
+            .map_err(|r| ImageError::RedirectRefused {
+                subject: format!("{what} (token server)"),
+                target: r.target,
+                reason: r.reason,
+            })?;
+        let scope = format!("repository:{repository}:pull");
+        let mut query = vec![("scope", scope.as_str())];
+        if let Some(service) = param("service") {
+            query.push(("service", service));
+        }
+        let mut req = self.http.get(realm_url.clone()).query(&query);
+        if let OciAuth::Basic(user, pass) = &self.auth {
+            req = req.basic_auth(user, Some(pass));
+        }
+        let what = format!("{what} (token from {})", bounded_text(realm));
+        let mut resp = req.send().await.map_err(|e| http_error(&e, &what))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let (body, cut) = error_body(resp).await;
+            return Err(ImageError::Unauthenticated(format!(
+                "{what}: token server answered {status}: {}",
+                body_text(&body, cut)
+            )));
+        }
+        let body = read_capped(&mut resp, MAX_TOKEN_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(seen) => ImageError::ResponseTooLarge {
+                    subject: what.clone(),
+                    body: "token response",
+                    seen,
+                    limit: MAX_TOKEN_BYTES as u64,
+                },
+                BodyError::Http(e) => http_error(&e, &what),
+            })?;
+        #[derive(serde::Deserialize)]
+        struct TokenAnswer {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+            ImageError::Unauthenticated(format!("{what}: unparsable token response: {e}"))
+        })?;
+        let token = answer
+            .token
+            .or(answer.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ImageError::Unauthenticated(format!("{what}: no token in the token response"))
+            })?;
+        Ok(Some(token))
+    }
+
+    /// A GET of `url` with this endpoint's credentials: the handshake's token, else
+    /// what the pull was given (Basic only where no token server is named).
+    async fn get(
+        &self,
+        url: &str,
+        repository: &str,
+        what: &str,
+    ) -> Result<reqwest::RequestBuilder, ImageError> {
+        let token = self.token(repository, what).await?;
+        let req = self.http.get(url);
+        Ok(match (token.as_ref(), &self.auth) {
+            (Some(token), _) | (None, OciAuth::Bearer(token)) => req.bearer_auth(token),
+            (None, OciAuth::Basic(user, pass)) => req.basic_auth(user, Some(pass)),
+            (None, OciAuth::Anonymous) => req,
+        })
+    }
 }
 
 fn read_cas(host: &RegistryHost) -> Result<Vec<Vec<u8>>, ImageError> {
@@ -189,8 +411,13 @@ fn read_cas(host: &RegistryHost) -> Result<Vec<Vec<u8>>, ImageError> {
         .collect()
 }
 
-/// A plain HTTP client with `host`'s TLS settings (as `build_client` gives oci-client).
-fn build_http(host: &RegistryHost, cas: &[Vec<u8>]) -> Result<reqwest::Client, ImageError> {
+/// The HTTP client for `host`: its TLS settings, and redirects and names checked by
+/// `guard`.
+fn build_http(
+    host: &RegistryHost,
+    cas: &[Vec<u8>],
+    guard: &Guard,
+) -> Result<reqwest::Client, ImageError> {
     let bad = |e: reqwest::Error| {
         ImageError::Registry(format!("client for {}: {}", host.host, with_causes(&e)))
     };
@@ -204,34 +431,10 @@ fn build_http(host: &RegistryHost, cas: &[Vec<u8>]) -> Result<reqwest::Client, I
         .tls_certs_merge(certs)
         .connect_timeout(Duration::from_secs(15))
         .read_timeout(Duration::from_secs(120))
+        .redirect(guard.redirect_policy())
+        .dns_resolver(std::sync::Arc::new(guard.resolver()))
         .build()
         .map_err(bad)
-}
-
-fn build_client(host: &RegistryHost, cas: &[Vec<u8>]) -> Result<Client, ImageError> {
-    let extra = cas
-        .iter()
-        .map(|data| Certificate {
-            encoding: CertificateEncoding::Pem,
-            data: data.clone(),
-        })
-        .collect();
-    let config = ClientConfig {
-        protocol: if host.plain_http {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        accept_invalid_certificates: host.skip_verify,
-        extra_root_certificates: extra,
-        // Index resolution is ours (linux/amd64), see `pull`.
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(15)),
-        read_timeout: Some(Duration::from_secs(120)),
-        ..ClientConfig::default()
-    };
-    Client::try_from(config)
-        .map_err(|e| ImageError::Registry(format!("client for {}: {e}", host.host)))
 }
 
 /// Whether `e` should stop trying further endpoints: the content itself is bad.
@@ -274,9 +477,11 @@ impl Registry {
                     tracing::debug!(host = %host.host, "pull credentials withheld from host");
                 }
                 let cas = read_cas(&host)?;
+                let scheme = if host.plain_http { "http" } else { "https" };
+                let guard = Guard::new(scheme, &host.host, host.local);
                 Ok(Endpoint {
-                    client: build_client(&host, &cas)?,
-                    http: build_http(&host, &cas)?,
+                    http: build_http(&host, &cas, &guard)?,
+                    guard,
                     auth: if allowed {
                         auth.clone()
                     } else {
@@ -291,16 +496,12 @@ impl Registry {
         Ok(Registry {
             endpoints,
             image: image.clone(),
-            manifest_deadline: (limits.min_rate > 0).then(|| limits.window * 2),
+            answer_deadline: if limits.min_rate > 0 {
+                limits.window * 2
+            } else {
+                ANSWER_DEADLINE_WITHOUT_RATE
+            },
         })
-    }
-
-    fn reference(&self, host: &str, object: &str) -> Reference {
-        if object.contains(':') {
-            Reference::with_digest(host.into(), self.image.repository.clone(), object.into())
-        } else {
-            Reference::with_tag(host.into(), self.image.repository.clone(), object.into())
-        }
     }
 
     /// Fetches the manifest (or index) named by `object` (a tag or digest). Returns the
@@ -313,33 +514,24 @@ impl Registry {
             if !(ep.host.resolve || (by_digest && ep.host.pull)) {
                 continue;
             }
-            let r = self.reference(&ep.host.host, object);
             let what = format!(
                 "manifest {}:{} at {}",
                 self.image.name(),
                 object,
                 ep.host.host
             );
-            let fetch = self.get_manifest(ep, &r, object);
-            let res = match self.manifest_deadline {
-                Some(d) => match tokio::time::timeout(d, fetch).await {
-                    Ok(res) => res,
-                    Err(_) => {
-                        let e = ImageError::TooSlow(format!(
-                            "{what}: no complete answer within {}s",
-                            d.as_secs_f64()
-                        ));
-                        tracing::debug!(error = %e, "manifest fetch too slow, trying next host");
-                        best = Some(keep_error(best, e));
-                        continue;
-                    }
-                },
-                None => fetch.await,
+            let d = self.answer_deadline;
+            let res = match tokio::time::timeout(d, self.get_manifest(ep, object, &what)).await {
+                Ok(res) => res,
+                Err(_) => Err(ImageError::TooSlow(format!(
+                    "{what}: no complete answer within {}s",
+                    d.as_secs_f64()
+                ))),
             };
             match res {
                 Ok(body) => return Ok(body),
                 Err(e) => {
-                    let e = ep.explain(e.into_image_error(&what));
+                    let e = ep.explain(e);
                     tracing::debug!(error = %e, "manifest fetch failed, trying next host");
                     if is_final(&e) {
                         return Err(e);
@@ -354,108 +546,63 @@ impl Registry {
     }
 
     /// GETs one manifest from `ep`, refusing it as soon as it is known to be over
-    /// [`MAX_MANIFEST_BYTES`] (declared length or bytes received): `oci-client` would
-    /// buffer the whole body first. Its token handshake is reused.
+    /// [`MAX_MANIFEST_BYTES`] (declared length or bytes received).
     async fn get_manifest(
         &self,
         ep: &Endpoint,
-        r: &Reference,
         object: &str,
-    ) -> Result<Vec<u8>, FetchError> {
-        let token = {
-            let mut cached = ep.token.lock().await;
-            match &*cached {
-                Some(token) => token.clone(),
-                None => {
-                    let token = ep.client.auth(r, &ep.auth, RegistryOperation::Pull).await?;
-                    *cached = Some(token.clone());
-                    token
-                }
-            }
-        };
-        let scheme = if ep.host.plain_http { "http" } else { "https" };
+        what: &str,
+    ) -> Result<Vec<u8>, ImageError> {
         let url = format!(
-            "{scheme}://{}/v2/{}/manifests/{object}",
-            ep.host.host, self.image.repository
+            "{}://{}/v2/{}/manifests/{object}",
+            ep.scheme(),
+            ep.host.host,
+            self.image.repository
         );
-        let mut req = ep
-            .http
-            .get(&url)
-            .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "));
-        req = match (token.as_ref(), &ep.auth) {
-            (Some(token), _) | (None, OciAuth::Bearer(token)) => req.bearer_auth(token),
-            (None, OciAuth::Basic(user, pass)) => req.basic_auth(user, Some(pass)),
-            (None, OciAuth::Anonymous) => req,
-        };
-        let mut resp = req.send().await.map_err(FetchError::Http)?;
+        let mut resp = ep
+            .get(&url, &self.image.repository, what)
+            .await?
+            .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "))
+            .send()
+            .await
+            .map_err(|e| http_error(&e, what))?;
         let status = resp.status();
-        let limit = if status.is_success() {
-            MAX_MANIFEST_BYTES
-        } else {
-            64 << 10 // an error body: enough for the OCI error envelope
-        };
-        if resp.content_length().is_some_and(|n| n > limit as u64) && status.is_success() {
-            return Err(FetchError::TooLarge(resp.content_length().unwrap_or(0)));
+        if status != reqwest::StatusCode::OK {
+            let (body, cut) = error_body(resp).await;
+            return Err(status_error(status, &url, &body, cut, what));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(FetchError::Http)? {
-            if body.len() + chunk.len() > limit {
-                if status.is_success() {
-                    return Err(FetchError::TooLarge((body.len() + chunk.len()) as u64));
-                }
-                body.extend_from_slice(&chunk[..limit - body.len()]);
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
-        if status == reqwest::StatusCode::OK {
-            return Ok(body);
-        }
-        let url = url.clone();
-        Err(FetchError::Oci(match status {
-            reqwest::StatusCode::UNAUTHORIZED => OciDistributionError::UnauthorizedError { url },
-            s if s.is_client_error() => match serde_json::from_slice::<OciEnvelope>(&body) {
-                Ok(envelope) => OciDistributionError::RegistryError { envelope, url },
-                Err(_) => OciDistributionError::ServerError {
-                    code: s.as_u16(),
-                    url,
-                    message: String::from_utf8_lossy(&body).into_owned(),
+        read_capped(&mut resp, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(seen) => ImageError::ResponseTooLarge {
+                    subject: what.to_owned(),
+                    body: "manifest",
+                    seen,
+                    limit: MAX_MANIFEST_BYTES as u64,
                 },
-            },
-            s => OciDistributionError::ServerError {
-                code: s.as_u16(),
-                url,
-                message: String::from_utf8_lossy(&body).into_owned(),
-            },
-        }))
+                BodyError::Http(e) => http_error(&e, what),
+            })
     }
 
-    /// Opens a stream of the blob `digest` from the first host that serves it.
-    pub(crate) async fn blob_stream(
-        &self,
-        digest: &str,
-        size: i64,
-        media_type: &str,
-    ) -> Result<BlobStream, ImageError> {
-        let desc = OciDescriptor {
-            media_type: media_type.to_owned(),
-            digest: digest.to_owned(),
-            size,
-            ..Default::default()
-        };
+    /// Opens a stream of the blob `digest` from the first host that serves it. The
+    /// answer must start within the answer deadline; the body's pace is the content
+    /// store's rate check.
+    pub(crate) async fn blob_stream(&self, digest: &str) -> Result<BlobStream, ImageError> {
         let mut best: Option<ImageError> = None;
         for ep in self.endpoints.iter().filter(|e| e.host.pull) {
-            let r = self.reference(&ep.host.host, digest);
             let what = format!("blob {digest} of {} at {}", self.image.name(), ep.host.host);
-            // Token handshakes happen on manifest fetches; a mirror only used for
-            // blobs still needs the credentials registered.
-            ep.client
-                .store_auth_if_needed(r.resolve_registry(), &ep.auth)
-                .await;
-            match ep.client.pull_blob_stream(&r, &desc).await {
-                Ok(s) => return Ok(s.stream),
+            let d = self.answer_deadline;
+            let res = match tokio::time::timeout(d, self.open_blob(ep, digest, &what)).await {
+                Ok(res) => res,
+                Err(_) => Err(ImageError::TooSlow(format!(
+                    "{what}: no answer within {}s",
+                    d.as_secs_f64()
+                ))),
+            };
+            match res {
+                Ok(s) => return Ok(s),
                 Err(e) => {
-                    let e = ep.explain(map_oci_error(e, &what));
+                    let e = ep.explain(e);
                     tracing::debug!(error = %e, "blob fetch failed, trying next host");
                     best = Some(keep_error(best, e));
                 }
@@ -465,39 +612,33 @@ impl Registry {
             ImageError::Registry(format!("no host can serve blobs of {}", self.image.name()))
         }))
     }
-}
 
-/// Why one manifest fetch failed.
-enum FetchError {
-    Oci(OciDistributionError),
-    Http(reqwest::Error),
-    /// Bytes declared or received so far.
-    TooLarge(u64),
-}
-
-impl From<OciDistributionError> for FetchError {
-    fn from(e: OciDistributionError) -> Self {
-        FetchError::Oci(e)
-    }
-}
-
-impl FetchError {
-    fn into_image_error(self, what: &str) -> ImageError {
-        match self {
-            FetchError::Oci(e) => map_oci_error(e, what),
-            FetchError::Http(e) => ImageError::Registry(format!("{what}: {}", with_causes(&e))),
-            FetchError::TooLarge(n) => ImageError::Registry(format!(
-                "{what}: manifest too large ({n} bytes or more, limit {MAX_MANIFEST_BYTES})"
-            )),
+    async fn open_blob(
+        &self,
+        ep: &Endpoint,
+        digest: &str,
+        what: &str,
+    ) -> Result<BlobStream, ImageError> {
+        let url = format!(
+            "{}://{}/v2/{}/blobs/{digest}",
+            ep.scheme(),
+            ep.host.host,
+            self.image.repository
+        );
+        let resp = ep
+            .get(&url, &self.image.repository, what)
+            .await?
+            .send()
+            .await
+            .map_err(|e| http_error(&e, what))?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::OK {
+            let (body, cut) = error_body(resp).await;
+            return Err(status_error(status, &url, &body, cut, what));
         }
+        // The content store hashes and sizes what arrives.
+        Ok(Box::pin(resp.bytes_stream().map_err(std::io::Error::other)))
     }
-}
-
-/// Recognizes the digest failure `oci-client`'s verifying stream reports.
-pub(crate) fn stream_digest_error(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<DigestError>())
-        .is_some_and(|d| matches!(d, DigestError::VerificationError { .. }))
 }
 
 #[cfg(test)]
@@ -535,6 +676,60 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(a.to_oci().unwrap(), OciAuth::Basic(u, p) if u == "<token>" && p == "id"));
+    }
+
+    #[test]
+    fn bearer_challenges_parse() {
+        let c = bearer_challenge(
+            r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            vec![
+                ("realm".into(), "https://auth.example/token".into()),
+                ("service".into(), "reg.example".into()),
+                ("scope".into(), "repository:a/b:pull,push".into()),
+            ]
+        );
+        let c = bearer_challenge(r#"bearer Realm=http://x/t, service="s\"q""#).unwrap();
+        assert_eq!(
+            c,
+            vec![
+                ("realm".into(), "http://x/t".into()),
+                ("service".into(), "s\"q".into())
+            ]
+        );
+        assert!(bearer_challenge(r#"Basic realm="registry""#).is_none());
+        assert_eq!(bearer_challenge("Bearer "), Some(vec![]));
+    }
+
+    #[test]
+    fn status_errors_are_bounded() {
+        let body = format!("{}\x1b[2J", "e".repeat(4000));
+        let e = status_error(
+            reqwest::StatusCode::INTERNAL_SERVER_ERROR,
+            "http://r/v2/x/blobs/y",
+            body.as_bytes(),
+            Some("body cut at 4096 bytes".into()),
+            "blob y",
+        );
+        assert_eq!(e.code(), crate::ErrorCode::Unavailable);
+        let msg = e.to_string();
+        assert!(msg.len() < 1400, "{}", msg.len());
+        assert!(
+            msg.contains("HTTP 500") && msg.ends_with("(body cut at 4096 bytes)"),
+            "{msg}"
+        );
+        let e = status_error(
+            reqwest::StatusCode::NOT_FOUND,
+            "u",
+            br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"gone\u001b[2J"}]}"#,
+            None,
+            "blob y",
+        );
+        assert!(matches!(e, ImageError::NotFound(_)), "{e:?}");
+        assert!(!e.to_string().contains('\x1b'), "{e}");
     }
 
     #[test]
