@@ -44,6 +44,86 @@ pub struct Config {
     pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
     /// The Exec/Attach/PortForward server.
     pub streaming: crate::streaming::StreamingConfig,
+    /// Confinement of each pod VM's host processes.
+    pub jail: JailSettings,
+    pub containers: ContainersConfig,
+}
+
+/// `[containers]`: what one container may cost the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainersConfig {
+    /// Most bytes one container log file holds between two rotations (the kubelet
+    /// rotates every 10 s at most); output past it is dropped behind one marker
+    /// line. 0: no cap.
+    pub log_size_max: u64,
+    /// Pods' scratch disks are sparse: together they may promise this many times
+    /// the free space of the filesystem under `root`; RunPodSandbox is refused past
+    /// it (ResourceExhausted).
+    pub scratch_overcommit: f64,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        // Far above the kubelet's default rotation size (10 MiB), so only a flood
+        // between two of its checks reaches it.
+        ContainersConfig {
+            log_size_max: 64 << 20,
+            scratch_overcommit: vessel_storage::scratch::DEFAULT_OVERCOMMIT,
+        }
+    }
+}
+
+impl ContainersConfig {
+    /// The cap, None when off.
+    pub fn log_cap(&self) -> Option<u64> {
+        (self.log_size_max > 0).then_some(self.log_size_max)
+    }
+}
+
+/// `[jail]`: the uids and cgroups pod VMs' host processes run in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailSettings {
+    /// First uid (= gid) of the range QEMU and vhost-device-vsock run from, one per VM.
+    pub uid_base: u32,
+    /// Size of the range: the most VMs on the node at once, all instances together.
+    pub uid_count: u32,
+    /// The node-wide uid registry every vesseld instance shares (keep the default
+    /// unless no other instance runs on the node).
+    pub uid_registry: PathBuf,
+    /// subuid/subgid files whose ranges the uid range must not overlap; vesseld
+    /// refuses to start when it does.
+    pub subid_files: Vec<PathBuf>,
+    /// cgroup parent of pods whose CRI config names none (crictl, pool VMs).
+    pub default_cgroup_parent: String,
+}
+
+impl Default for JailSettings {
+    fn default() -> Self {
+        let range = vessel_sandbox::JailConfig::default();
+        JailSettings {
+            uid_base: range.uid_base,
+            uid_count: range.uid_count,
+            uid_registry: range.registry,
+            subid_files: vessel_sandbox::uids::DEFAULT_SUBID_FILES
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+            default_cgroup_parent: vessel_sandbox::cgroup::DEFAULT_PARENT.to_owned(),
+        }
+    }
+}
+
+impl JailSettings {
+    /// The sandbox's view of the uid range.
+    pub fn uid_range(&self) -> vessel_sandbox::JailConfig {
+        vessel_sandbox::JailConfig {
+            uid_base: self.uid_base,
+            uid_count: self.uid_count,
+            registry: self.uid_registry.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +232,8 @@ impl Default for Config {
                 RuntimeHandlerConfig::default(),
             )]),
             streaming: Default::default(),
+            jail: JailSettings::default(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -468,6 +550,24 @@ fn validate(c: &Config) -> Result<(), (String, String)> {
     }
     if c.log_max_size_mib == 0 {
         return err("log_max_size_mib", "must be at least 1");
+    }
+    if c.jail.uid_base == 0 || c.jail.uid_count == 0 {
+        return err(
+            "jail.uid_base",
+            "uid_base and uid_count must be at least 1 (uid 0 is root)",
+        );
+    }
+    if c.jail.uid_base.checked_add(c.jail.uid_count).is_none() {
+        return err(
+            "jail.uid_count",
+            "uid_base + uid_count must stay below 2^32",
+        );
+    }
+    if !(c.containers.scratch_overcommit.is_finite() && c.containers.scratch_overcommit > 0.0) {
+        return err("containers.scratch_overcommit", "must be a number above 0");
+    }
+    if !c.jail.uid_registry.is_absolute() {
+        return err("jail.uid_registry", "must be an absolute path");
     }
     for (i, dir) in c.network.cni_bin_dirs.iter().enumerate() {
         if !dir.is_absolute() {

@@ -95,7 +95,7 @@ mod tests {
     fn container_logs_are_not_world_readable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctr/0.log");
-        let _log = crate::crilog::CriLog::open(&path).unwrap();
+        let _log = crate::crilog::CriLog::open(&path, None).unwrap();
         assert_eq!(mode(&path), 0o640);
     }
 }

@@ -220,6 +220,23 @@ impl Pump {
             match s.message().await {
                 Ok(Some(chunk)) => {
                     *failures = 0;
+                    if self.log.as_ref().is_some_and(|l| l.is_capped()) {
+                        // Nothing more reaches this log until a rotation: skip the
+                        // per-line work, only keep the offsets right.
+                        match cursor.discard(chunk.offset, &chunk.data) {
+                            Ok(dropped) => crate::crilog::count_dropped(dropped),
+                            Err(e) => {
+                                tracing::warn!(container = %self.id, which = ?self.which, "{e}");
+                                return End::Broken;
+                            }
+                        }
+                        if cursor.done() != *done {
+                            *done = cursor.done();
+                            self.persist(Vec::new(), Some(*done), file).await;
+                            acked.send_replace(*done);
+                        }
+                        continue;
+                    }
                     let fed = match cursor.feed(chunk.offset, &chunk.data) {
                         Ok(fed) => fed,
                         Err(e) => {

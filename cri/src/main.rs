@@ -18,6 +18,7 @@ mod logging;
 mod logpump;
 mod metrics;
 mod oci;
+mod oomscore;
 mod outcursor;
 mod passwd;
 mod podfiles;

@@ -49,6 +49,11 @@ struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandlerLabels {
     handler: String,
 }
@@ -73,6 +78,8 @@ pub struct Metrics {
     vm_memory: Family<PodLabels, Gauge>,
     agent_calls: Family<RpcLabels, Histogram, fn() -> Histogram>,
     pool_warm: Family<HandlerLabels, Gauge>,
+    streaming_sessions: Family<PodLabels, Gauge>,
+    streaming_refused: Family<ReasonLabels, Counter>,
     /// Set once the image store exists: its cumulative download counters.
     image_bytes: OnceLock<vessel_image::ImageStore>,
 }
@@ -91,6 +98,8 @@ pub fn get() -> &'static Arc<Metrics> {
             vm_memory: Family::default(),
             agent_calls: Family::new_with_constructor(seconds_histogram),
             pool_warm: Family::default(),
+            streaming_sessions: Family::default(),
+            streaming_refused: Family::default(),
             image_bytes: OnceLock::new(),
         })
     })
@@ -127,6 +136,28 @@ impl Metrics {
                 handler: handler.to_owned(),
             })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Open streaming sessions into a pod; at 0 its label set goes, so the
+    /// family holds only pods with sessions.
+    pub fn streaming_sessions(&self, pod_id: &str, n: usize) {
+        let pod = PodLabels {
+            pod: pod_id.to_owned(),
+        };
+        if n == 0 {
+            self.streaming_sessions.remove(&pod);
+        } else {
+            self.streaming_sessions
+                .get_or_create(&pod)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A streaming session refused: node_cap, pod_cap or pod_rate.
+    pub fn streaming_refused(&self, reason: &'static str) {
+        self.streaming_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn set_image_store(&self, store: vessel_image::ImageStore) {
@@ -182,6 +213,7 @@ impl Metrics {
                 let pod = PodLabels { pod: o.id.clone() };
                 self.vm_cpu.remove(&pod);
                 self.vm_memory.remove(&pod);
+                self.streaming_sessions.remove(&pod);
             }
             _ => {}
         }
@@ -229,7 +261,25 @@ impl Metrics {
             "Pre-booted pod VMs waiting in a runtime handler's warm pool",
             self.pool_warm.clone(),
         );
+        r.register(
+            "streaming_sessions",
+            "Open streaming sessions (exec, attach, port-forward) by pod",
+            self.streaming_sessions.clone(),
+        );
+        r.register(
+            "streaming_sessions_refused",
+            "Streaming sessions refused, by the limit that refused them",
+            self.streaming_refused.clone(),
+        );
         r.register_collector(Box::new(ImageBytes(self.clone())));
+        // The registry is built per scrape, so a constant holds the current value.
+        r.register(
+            "image_registry_refused_bytes",
+            "Bytes registries sent or declared past vesseld's caps on token, manifest \
+             and error bodies, left unread",
+            ConstCounter::new(vessel_image::registry_bytes_refused()),
+        );
+        r.register_collector(Box::new(LogDroppedBytes));
         r
     }
 
@@ -264,6 +314,23 @@ impl Collector for ImageBytes {
         let m = encoder.encode_descriptor(
             "image_pull_bytes",
             "Bytes of image blobs downloaded from registries",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(m)
+    }
+}
+
+/// Container output dropped by capped logs, read at scrape time.
+#[derive(Debug)]
+struct LogDroppedBytes;
+
+impl Collector for LogDroppedBytes {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(crate::crilog::dropped_bytes());
+        let m = encoder.encode_descriptor(
+            "container_log_dropped_bytes",
+            "Container output bytes dropped because a log reached [containers] log_size_max",
             None,
             counter.metric_type(),
         )?;
@@ -372,6 +439,7 @@ mod tests {
             "vessel_pod_vm_cpu_seconds{pod=\"p1\"} 2.5",
             "vessel_pod_vm_memory_bytes{pod=\"p1\"} 1048576",
             "vessel_image_pull_bytes_total 0",
+            "vessel_image_registry_refused_bytes_total ",
             "vessel_pod_start_phase_seconds_sum{phase=\"total\"} 1.5",
             "vessel_vm_boots_total{accel=\"tcg\"} 1",
             "# EOF",

@@ -48,6 +48,12 @@ impl OutputCursor {
         self.done
     }
 
+    /// Bytes of the unfinished line held.
+    #[cfg(test)]
+    fn lines_held(&self) -> usize {
+        self.lines.held()
+    }
+
     /// Takes the chunk `data` at stream offset `offset`. Bytes already read (a replay
     /// after a reopen) are skipped; a gap is reported as lost and skipped over.
     pub fn feed(&mut self, offset: u64, data: &[u8]) -> Result<Fed, BadChunk> {
@@ -69,6 +75,28 @@ impl OutputCursor {
         fed.entries = self.lines.feed(&data[skip..]);
         self.done += consumed(&fed.entries);
         Ok(fed)
+    }
+
+    /// [`OutputCursor::feed`] for a log that holds nothing more (capped): the chunk
+    /// is accounted for without making entries, so a flood costs a scan per chunk,
+    /// not work per line. Returns the stream bytes dropped.
+    pub fn discard(&mut self, offset: u64, data: &[u8]) -> Result<u64, BadChunk> {
+        let end = offset.checked_add(data.len() as u64).ok_or(BadChunk {
+            offset,
+            len: data.len(),
+        })?;
+        let mut dropped = 0;
+        if offset > self.next {
+            // Lost bytes and the cut line: nothing to log them in either.
+            dropped += self.lines.finish().map_or(0, |(_, m)| m.len() as u64);
+            self.done = offset;
+            self.next = offset;
+        }
+        let skip = (self.next - offset).min(data.len() as u64) as usize;
+        self.next = self.next.max(end);
+        let consumed = self.lines.discard(&data[skip..]);
+        self.done += consumed;
+        Ok(dropped + consumed)
     }
 
     /// The end of the stream: the unfinished last line is logged as a full one.
@@ -193,6 +221,20 @@ mod tests {
             let last = c.finish();
             log_bytes += last.map_or(0, |(_, m)| m.len() as u64);
             assert!(log_bytes <= sent, "logged {log_bytes} of {sent} bytes sent");
+
+            // The same hostile chunks to a capped log's cursor: done never moves
+            // back nor past what was read, and what is dropped was sent.
+            let mut c = OutputCursor::new(0);
+            let mut dropped = 0u64;
+            for (offset, bytes) in chunks(data) {
+                let before = c.done();
+                if let Ok(n) = c.discard(offset, &bytes) {
+                    assert!(c.done() >= before && c.done() <= c.next);
+                    assert!(c.lines_held() < MAX_LINE);
+                    dropped += n;
+                }
+            }
+            assert!(dropped <= sent, "dropped {dropped} of {sent} bytes sent");
 
             // Honest: the input is the stream; the chunk decoder picks how it is cut
             // and from where each reopen replays (never past what was logged).

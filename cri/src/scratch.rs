@@ -13,6 +13,7 @@ pub const MKFS_EXT4: &str = "mkfs.ext4";
 pub fn scratch_disks(config: &Config) -> ScratchDisks {
     let mkfs = mkfs_ext4().unwrap_or_else(|| PathBuf::from(MKFS_EXT4));
     ScratchDisks::new(config.root.join("scratch"), mkfs)
+        .with_overcommit(config.containers.scratch_overcommit)
 }
 
 /// `mkfs.ext4` on PATH, else in the sbin dirs a non-root PATH lacks.

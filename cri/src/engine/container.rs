@@ -158,6 +158,7 @@ impl Engine {
             Ok(process_json) => {
                 self.store
                     .update_container(&id, |c| c.process_json = process_json)?;
+                self.apply_oom_score(&pod, &live).await;
                 drop(guard);
                 Ok(id)
             }
@@ -482,6 +483,9 @@ impl Engine {
             crate::logpump::forget(&self.pod_dir(&c.pod_id), &c.id);
             self.forget_ctr(&guard, &c.pod_id, &c.id);
             self.store.remove_container(&c.id)?;
+            if let (Some(live), Ok(pod)) = (self.live_pod(&c.pod_id), self.store.pod(&c.pod_id)) {
+                self.apply_oom_score(&pod, &live).await;
+            }
             return Ok(());
         }
         Err(RuntimeError::precondition(format!(
@@ -522,6 +526,9 @@ impl Engine {
         config.linux.get_or_insert_with(Default::default).resources = Some(r.clone());
         self.store
             .update_container(&c.id, |rec| rec.config = config.encode_to_vec())?;
+        if let Ok(pod) = self.store.pod(&c.pod_id) {
+            self.apply_oom_score(&pod, &live).await;
+        }
         Ok(())
     }
 

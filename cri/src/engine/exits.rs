@@ -29,7 +29,7 @@ impl Engine {
         let log = if log_path.is_empty() {
             None
         } else {
-            match CriLog::open(Path::new(log_path)) {
+            match CriLog::open(Path::new(log_path), self.config.containers.log_cap()) {
                 Ok(l) => Some(Arc::new(l)),
                 Err(e) => {
                     tracing::warn!(container = %id, path = log_path, error = %e, "cannot open the log file; output is discarded");

@@ -212,6 +212,11 @@ impl Engine {
         images: ImageStore,
         db: Arc<redb::Database>,
     ) -> anyhow::Result<Arc<Self>> {
+        // Before any VM starts: a VMM must never share a uid with a user namespace.
+        vessel_sandbox::uids::check_subid_overlap(
+            &config.jail.uid_range(),
+            &config.jail.subid_files,
+        )?;
         let store = StateStore::open(db)?;
         let net = crate::podnet::manager(&config);
         let scratch = crate::scratch::scratch_disks(&config);

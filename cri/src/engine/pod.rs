@@ -346,11 +346,15 @@ impl Engine {
 
         let mut vmc = self.vm_config(id, handler, size, &share);
         // The kubelet's pod cgroup: the VM's host processes are accounted to the pod.
-        vmc.cgroup_parent = config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .filter(|p| !p.is_empty());
+        vmc.cgroup_parent = Some(
+            config
+                .linux
+                .as_ref()
+                .map(|l| l.cgroup_parent.clone())
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| self.config.jail.default_cgroup_parent.clone()),
+        );
+        vmc.oom_score_adj = Some(crate::oomscore::for_sandbox(config));
         if handler.writable_layer_mib > 0 {
             let phase = Instant::now();
             let disk = self
@@ -414,6 +418,8 @@ impl Engine {
             super::pool::join_pod_cgroup(live.vm.as_ref(), parent).await?;
             timings.cgroup_ms = millis(phase.elapsed());
         }
+        // No longer the idle pool's first-to-go score: the pod's.
+        super::pool::set_oom_score(live.vm.as_ref(), crate::oomscore::for_sandbox(config)).await?;
         create_log_dir(config).await?;
         let mut files = crate::podfiles::pod_files(config);
         let mut net_plan = None;
@@ -488,6 +494,8 @@ impl Engine {
         vmc.accel = handler.accel;
         vmc.accel_cache_dir = self.config.run_root.clone();
         vmc.extra_cmdline = handler.extra_kernel_args.clone();
+        vmc.jail = Some(self.config.jail.uid_range());
+        vmc.cgroup_parent = Some(self.config.jail.default_cgroup_parent.clone());
         vmc
     }
 
@@ -587,6 +595,31 @@ impl Engine {
 
     /// The config a pod was started with; a record that does not decode is an error,
     /// not an empty config.
+    /// Gives the pod VM's host processes the OOM score its containers ask for
+    /// (`crate::oomscore`). Called with the pod lock held, after its set of
+    /// containers or their resources changed. A failure is logged: the pod runs on,
+    /// only with a less fitting score.
+    pub(super) async fn apply_oom_score(&self, pod: &PodRecord, live: &LivePod) {
+        let Ok(config) = Engine::pod_config(pod) else {
+            return;
+        };
+        let asks = self
+            .store
+            .containers_of(&pod.id)
+            .into_iter()
+            .filter_map(|c| {
+                cri::ContainerConfig::decode(c.config.as_slice())
+                    .ok()
+                    .map(|cfg| crate::oomscore::of_container(&cfg))
+            });
+        let score = crate::oomscore::for_pod(crate::oomscore::for_sandbox(&config), asks);
+        log_failed(
+            &pod.id,
+            "set the pod VM's OOM score",
+            super::pool::set_oom_score(live.vm.as_ref(), score).await,
+        );
+    }
+
     pub fn pod_config(pod: &PodRecord) -> Result<cri::PodSandboxConfig, RuntimeError> {
         cri::PodSandboxConfig::decode(pod.config.as_slice()).map_err(|e| {
             RuntimeError::internal(format!(

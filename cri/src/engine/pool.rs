@@ -212,6 +212,7 @@ impl Engine {
             .await?;
         let mut vmc = self.vm_config(id, h, size, &share);
         vmc.cpu_weight = Some(POOLED_CPU_WEIGHT);
+        vmc.oom_score_adj = Some(crate::oomscore::IDLE_POOL);
         if h.writable_layer_mib > 0 {
             let disk = self.steps.create_scratch(id, h.writable_layer_mib).await?;
             vmc.scratch_disk = Some(vessel_sandbox::DiskConfig {
@@ -412,6 +413,18 @@ pub(super) async fn join_pod_cgroup(vm: &dyn RunningVm, parent: &str) -> Result<
             e,
         )
     })
+}
+
+/// Sets the OOM score of a real VM's host processes (a fake has none).
+pub(super) async fn set_oom_score(vm: &dyn RunningVm, score: i32) -> Result<(), RuntimeError> {
+    let Some((pids, cgroup)) = vm.pod_vm().map(|v| v.oom_targets()) else {
+        return Ok(());
+    };
+    super::blocking("cannot set the VM's OOM score", move || {
+        vessel_sandbox::vm::set_oom_score_adj(pids, cgroup.as_ref(), score)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .await
 }
 
 /// Sets the CPU weight of a real VM's pod cgroup (a fake has none).

@@ -165,6 +165,9 @@ impl PodSteps for HostSteps {
             .await
             .map_err(|e| RuntimeError::task("scratch disk creation", e))?
             .map_err(|e| {
+                if let vessel_storage::StorageError::NoRoom { .. } = e {
+                    return RuntimeError::ResourceExhausted(e.to_string());
+                }
                 RuntimeError::internal(format!(
                     "cannot create the pod's scratch disk (is mkfs.ext4 (e2fsprogs) \
                      installed, is there space under {}?): {e}",

@@ -178,18 +178,26 @@ fn handle(server: Arc<StreamingServer>, req: Request<Incoming>) -> Response<Full
     if transport == Transport::WebSocket && ws_key.is_none() {
         return reply(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing");
     }
-    // Held by the session until it ends.
-    let Ok(permit) = server.sessions.clone().try_acquire_owned() else {
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many streaming sessions ([streaming] max_sessions); retry later",
-        );
+    const UNKNOWN_TOKEN: &str =
+        "unknown or expired streaming token; call Exec/Attach/PortForward again";
+    // The limits are per pod, so look at the token first, but spend it only once
+    // the session may start: a refused client can retry the same URL.
+    let Some(pod) = server.tokens.peek(token, |t| t.pod.clone()) else {
+        return reply(StatusCode::NOT_FOUND, UNKNOWN_TOKEN);
     };
-    let Some(pending) = server.tokens.take(token) else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "unknown or expired streaming token; call Exec/Attach/PortForward again",
-        );
+    // Held by the session until it ends.
+    let permit = match server.sessions.acquire(&pod) {
+        Ok(p) => p,
+        Err(refused) => {
+            tracing::info!(pod = %pod, reason = refused.reason(), "streaming session refused");
+            let mut r = reply(StatusCode::TOO_MANY_REQUESTS, &refused.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return r;
+        }
+    };
+    let Some(super::Ticket { pending, .. }) = server.tokens.take(token) else {
+        return reply(StatusCode::NOT_FOUND, UNKNOWN_TOKEN);
     };
     if pending.path() != kind {
         return reply(

@@ -4,6 +4,7 @@
 //! from the CRI socket. Bytes go to and from the pod VM through the agent.
 //!
 //! - `tokens`: the pending requests behind the URLs (single use, TTL, capped).
+//! - `limits`: open sessions per pod and node, and the per-pod rate of new ones.
 //! - `http`: listener (plain or TLS), routing, upgrades.
 //! - `spdy`, `ws`: the two transports, each turning the wire into `io` channels.
 //! - `exec`, `portforward`: the agent side of a session.
@@ -12,6 +13,7 @@ mod config;
 mod exec;
 mod http;
 mod io;
+mod limits;
 mod portforward;
 mod spdy;
 mod tokens;
@@ -36,6 +38,13 @@ pub enum Pending {
     Exec(cri::ExecRequest),
     Attach(cri::AttachRequest),
     PortForward(cri::PortForwardRequest),
+}
+
+/// What a token names: the request and the pod it goes into (the key of the
+/// per-pod session limits, known before the token is spent).
+struct Ticket {
+    pod: String,
+    pending: Pending,
 }
 
 /// The streams an exec or attach asks for.
@@ -76,9 +85,9 @@ impl Pending {
 pub struct StreamingServer {
     config: StreamingConfig,
     engine: Arc<Engine>,
-    tokens: TokenCache<Pending>,
+    tokens: TokenCache<Ticket>,
     base_url: String,
-    sessions: Arc<tokio::sync::Semaphore>,
+    sessions: Arc<limits::SessionLimits>,
 }
 
 impl StreamingServer {
@@ -104,7 +113,7 @@ impl StreamingServer {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let server = Arc::new(Self {
             tokens: TokenCache::new(Duration::from_secs(config.token_ttl_s), config.max_pending),
-            sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+            sessions: limits::SessionLimits::new(&config),
             base_url: format!("{scheme}://{addr}"),
             config,
             engine,
@@ -114,11 +123,11 @@ impl StreamingServer {
         Ok(server)
     }
 
-    fn url_for(&self, pending: Pending) -> Result<String, Status> {
+    fn url_for(&self, pod: String, pending: Pending) -> Result<String, Status> {
         let path = pending.path();
         let token = self
             .tokens
-            .insert(pending)
+            .insert(Ticket { pod, pending })
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         Ok(format!("{}/{path}/{token}", self.base_url))
     }
@@ -137,9 +146,9 @@ impl StreamingServer {
                 "Exec: tty and stderr cannot both be set (a terminal has one output)",
             ));
         }
-        exec::check_container(&self.engine, &req.container_id)?;
+        let (c, _) = exec::check_container(&self.engine, &req.container_id)?;
         Ok(cri::ExecResponse {
-            url: self.url_for(Pending::Exec(req))?,
+            url: self.url_for(c.pod_id, Pending::Exec(req))?,
         })
     }
 
@@ -149,9 +158,9 @@ impl StreamingServer {
                 "Attach: one of stdin, stdout or stderr must be set",
             ));
         }
-        exec::check_container(&self.engine, &req.container_id)?;
+        let (c, _) = exec::check_container(&self.engine, &req.container_id)?;
         Ok(cri::AttachResponse {
-            url: self.url_for(Pending::Attach(req))?,
+            url: self.url_for(c.pod_id, Pending::Attach(req))?,
         })
     }
 
@@ -166,7 +175,7 @@ impl StreamingServer {
         }
         portforward::check_pod(&self.engine, &req.pod_sandbox_id)?;
         Ok(cri::PortForwardResponse {
-            url: self.url_for(Pending::PortForward(req))?,
+            url: self.url_for(req.pod_sandbox_id.clone(), Pending::PortForward(req))?,
         })
     }
 }

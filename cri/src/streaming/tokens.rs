@@ -53,6 +53,14 @@ impl<T> TokenCache<T> {
         (deadline > Instant::now()).then_some(value)
     }
 
+    /// Reads the value without spending the token: a session refused for its
+    /// limits keeps its URL for a retry.
+    pub fn peek<R>(&self, token: &str, f: impl FnOnce(&T) -> R) -> Option<R> {
+        let entries = self.lock();
+        let (deadline, value) = entries.get(token)?;
+        (*deadline > Instant::now()).then(|| f(value))
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().len()
@@ -69,7 +77,9 @@ mod tests {
         let t = c.insert(7).unwrap();
         assert_eq!(t.len(), 32);
         assert_eq!(c.take("nope"), None);
+        assert_eq!(c.peek(&t, |v| *v), Some(7));
         assert_eq!(c.take(&t), Some(7));
+        assert_eq!(c.peek(&t, |v| *v), None);
         assert_eq!(c.take(&t), None);
     }
 
