@@ -93,7 +93,7 @@ impl TestDaemon {
         let cni_conf_dir = p.join("etc/cni/net.d");
         std::fs::create_dir_all(&cni_conf_dir)?;
         let text = format!(
-            "listen = {socket:?}\nroot = {root:?}\nrun_root = {run_root:?}\nlog_level = \"debug\"\n\
+            "listen = {socket:?}\nroot = {root:?}\nrun_root = {run_root:?}\nlog_level = \"debug,h2=info,hyper=info,hyper_util=info,tower=info,rustls=info\"\n\
              {extra_toml}\n",
             socket = socket.display().to_string(),
             root = root.display().to_string(),
