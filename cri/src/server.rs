@@ -30,9 +30,8 @@ async fn serve(config: Arc<Config>, reloader: Reloader) -> anyhow::Result<()> {
 
     crate::hostdirs::prepare(&config)?;
     let db_path = config.state_db();
-    let db = redb::Database::create(&db_path)
+    let db = vessel_storage::db::Db::open(&db_path)
         .with_context(|| format!("cannot open state database {}", db_path.display()))?;
-    let db = Arc::new(db);
 
     let store_cfg = ImageStoreConfig {
         root: config.root.clone(),

@@ -18,8 +18,9 @@ mod writer;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use vessel_storage::db::Db;
 
 use writer::{Op, Writer};
 
@@ -249,7 +250,8 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 
 impl StateStore {
     /// Loads every record, rebuilds the name reservations and starts the writer.
-    pub fn open(db: Arc<Database>) -> Result<Self, StoreError> {
+    pub fn open(shared: Arc<Db>) -> Result<Self, StoreError> {
+        let db = shared.get().map_err(StoreError::db)?;
         {
             // Creates the tables so that reads never meet a missing one.
             let wtx = db.begin_write().map_err(StoreError::db)?;
@@ -282,7 +284,7 @@ impl StateStore {
         drop((pods, ctrs, rtx));
         Ok(StateStore {
             inner: Arc::new(RwLock::new(inner)),
-            writer: Arc::new(Writer::start(db)?),
+            writer: Arc::new(Writer::start(shared)?),
             hooks: Arc::default(),
         })
     }
@@ -589,8 +591,8 @@ pub(crate) mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    pub(crate) fn db(dir: &std::path::Path) -> Arc<Database> {
-        Arc::new(Database::create(dir.join("state.redb")).unwrap())
+    pub(crate) fn db(dir: &std::path::Path) -> Arc<Db> {
+        Db::open(dir.join("state.redb")).unwrap()
     }
 
     pub(crate) fn pod(id: &str, name: &str, attempt: u32) -> PodRecord {
@@ -736,8 +738,8 @@ pub(crate) mod tests {
     }
 
     /// Reads what the file holds for pod `id` (committed transactions only).
-    fn pod_on_disk(db: &Database, id: &str) -> Option<PodRecord> {
-        let rtx = db.begin_read().unwrap();
+    fn pod_on_disk(db: &Db, id: &str) -> Option<PodRecord> {
+        let rtx = db.get().unwrap().begin_read().unwrap();
         let t = rtx.open_table(PODS).unwrap();
         let raw = t.get(id).unwrap()?;
         Some(serde_json::from_slice(raw.value()).unwrap())
@@ -831,7 +833,7 @@ pub(crate) mod tests {
         s.add_pod(pod("p1", "web", 0)).unwrap();
         s.flush().await.unwrap();
         // Hold redb's one write transaction: the writer thread blocks in its commit.
-        let held = db1.begin_write().unwrap();
+        let held = db1.get().unwrap().begin_write().unwrap();
         s.add_container(ctr("c1", "p1", "app", 0)).unwrap();
         s.update_pod("p1", |p| p.state = PodState::NotReady)
             .unwrap();
@@ -848,10 +850,11 @@ pub(crate) mod tests {
         assert_eq!(pod_on_disk(&db1, "p1").unwrap().state, PodState::NotReady);
     }
 
-    /// Memory storage whose fsync fails once `fail` is set.
+    /// Memory storage whose fsync fails once `fail` is set; reopened on the same
+    /// memory, as a file is.
     #[derive(Debug)]
     struct FailingSync {
-        mem: redb::backends::InMemoryBackend,
+        mem: Arc<redb::backends::InMemoryBackend>,
         fail: Arc<AtomicBool>,
     }
 
@@ -877,14 +880,21 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_commit_is_returned_by_flush_and_later_writes() {
+    async fn a_failed_commit_is_retried_and_the_store_recovers() {
         let fail = Arc::new(AtomicBool::new(false));
-        let backend = FailingSync {
-            mem: redb::backends::InMemoryBackend::new(),
-            fail: fail.clone(),
-        };
-        let db = Arc::new(Database::builder().create_with_backend(backend).unwrap());
-        let s = StateStore::open(db).unwrap();
+        let mem = Arc::new(redb::backends::InMemoryBackend::new());
+        let (m, f) = (mem.clone(), fail.clone());
+        let db = Db::with_opener(
+            "memory",
+            Box::new(move || {
+                redb::Database::builder().create_with_backend(FailingSync {
+                    mem: m.clone(),
+                    fail: f.clone(),
+                })
+            }),
+        )
+        .unwrap();
+        let s = StateStore::open(db.clone()).unwrap();
         s.add_pod(pod("p1", "web", 0)).unwrap();
         s.flush().await.unwrap();
         fail.store(true, Ordering::SeqCst);
@@ -892,14 +902,26 @@ pub(crate) mod tests {
         s.add_pod(pod("p2", "db", 0)).unwrap();
         let e = s.flush().await.unwrap_err().to_string();
         assert!(e.contains("injected: disk gone"), "{e}");
-        // Every later change and flush says so, even with the disk back.
-        fail.store(false, Ordering::SeqCst);
+        // While it fails, new changes are refused (memory stays file + retried).
         let e = s.add_pod(pod("p3", "x", 0)).unwrap_err().to_string();
-        assert!(e.contains("commit failed"), "{e}");
-        assert!(s.flush().await.is_err());
+        assert!(e.contains("cannot save changes"), "{e}");
         assert!(s.update_pod("p1", |_| ()).is_err());
-        // Reads still answer from memory.
-        assert_eq!(s.pods().len(), 2);
+        assert_eq!(s.pods().len(), 2, "reads answer from memory");
+        // The disk is back: within a retry or two the store takes changes again,
+        // and what was retried is on disk, in order.
+        fail.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.add_pod(pod("p3", "x", 0)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.flush().await.unwrap();
+        for id in ["p1", "p2", "p3"] {
+            assert!(pod_on_disk(&db, id).is_some(), "{id} not on disk");
+        }
     }
 
     #[test]
@@ -907,7 +929,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db1 = db(dir.path());
         drop(StateStore::open(db1.clone()).unwrap());
-        let wtx = db1.begin_write().unwrap();
+        let wtx = db1.get().unwrap().begin_write().unwrap();
         wtx.open_table(CONTAINERS)
             .unwrap()
             .insert("c-broken", b"{\"id\":".as_slice())

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use vessel_storage::db::Db;
 
 use crate::{Image, ImageError};
 
@@ -45,7 +46,7 @@ impl Record {
 /// The image tables of the shared database.
 #[derive(Clone)]
 pub(crate) struct Meta {
-    db: Arc<Database>,
+    db: Arc<Db>,
 }
 
 fn decode(id: &str, raw: &[u8]) -> Result<Record, ImageError> {
@@ -93,7 +94,7 @@ impl Txn<'_> {
 
 impl Meta {
     /// Creates the tables if needed.
-    pub(crate) fn open(db: Arc<Database>) -> Result<Self, ImageError> {
+    pub(crate) fn open(db: Arc<Db>) -> Result<Self, ImageError> {
         let m = Meta { db };
         m.write(|_| Ok(()))?;
         Ok(m)
@@ -104,7 +105,16 @@ impl Meta {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> Result<T, ImageError>,
     ) -> Result<T, ImageError> {
-        let wtx = self.db.begin_write().map_err(ImageError::store)?;
+        let db = self.database()?;
+        let wtx = match db.begin_write() {
+            Ok(w) => w,
+            // Latched by an earlier I/O error (a full disk): reopen, try once more.
+            Err(_) => {
+                drop(db);
+                self.db.reopen().map_err(ImageError::store)?;
+                self.database()?.begin_write().map_err(ImageError::store)?
+            }
+        };
         let out = {
             let mut txn = Txn {
                 records: wtx.open_table(RECORDS).map_err(ImageError::store)?,
@@ -116,9 +126,27 @@ impl Meta {
         Ok(out)
     }
 
+    /// The database for one transaction.
+    fn database(&self) -> Result<Arc<Database>, ImageError> {
+        self.db.get().map_err(ImageError::store)
+    }
+
+    /// A read transaction, reopening the database once if an I/O error latched it.
+    fn read(&self) -> Result<redb::ReadTransaction, ImageError> {
+        // The handle is dropped before a reopen, which waits for every holder.
+        let first = self.database()?.begin_read();
+        match first {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.db.reopen().map_err(ImageError::store)?;
+                self.database()?.begin_read().map_err(ImageError::store)
+            }
+        }
+    }
+
     /// All records (without configs).
     pub(crate) fn records(&self) -> Result<Vec<Record>, ImageError> {
-        let rtx = self.db.begin_read().map_err(ImageError::store)?;
+        let rtx = self.read()?;
         let table = rtx.open_table(RECORDS).map_err(ImageError::store)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(ImageError::store)? {
@@ -130,7 +158,7 @@ impl Meta {
 
     /// All images, with configs, sorted by id.
     pub(crate) fn images(&self) -> Result<Vec<Image>, ImageError> {
-        let rtx = self.db.begin_read().map_err(ImageError::store)?;
+        let rtx = self.read()?;
         let records = rtx.open_table(RECORDS).map_err(ImageError::store)?;
         let configs = rtx.open_table(CONFIGS).map_err(ImageError::store)?;
         let mut out = Vec::new();

@@ -271,7 +271,10 @@ pub struct ImageStore {
 
 impl ImageStore {
     /// Opens the store, cleans leftovers of interrupted pulls and collects garbage.
-    pub fn open(cfg: ImageStoreConfig, db: Arc<redb::Database>) -> Result<Self, ImageError> {
+    pub fn open(
+        cfg: ImageStoreConfig,
+        db: Arc<vessel_storage::db::Db>,
+    ) -> Result<Self, ImageError> {
         // Private: snapshots hold layers' setuid binaries and device nodes, which no
         // other host user may reach.
         for dir in [

@@ -283,7 +283,7 @@ impl Env {
     fn new(limits: DownloadLimits, downloads: usize) -> Env {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("certs.d")).unwrap();
-        let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+        let db = vessel_storage::db::Db::open(dir.path().join("state.redb")).unwrap();
         let store = ImageStore::open(
             ImageStoreConfig {
                 root: dir.path().join("root"),

@@ -15,7 +15,7 @@ use vessel_tests::testimages;
 /// A store in a temp dir with its own certs dir and database.
 struct Env {
     dir: tempfile::TempDir,
-    db: Arc<redb::Database>,
+    db: Arc<vessel_storage::db::Db>,
     store: ImageStore,
 }
 
@@ -23,7 +23,7 @@ impl Env {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("certs.d")).unwrap();
-        let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+        let db = vessel_storage::db::Db::open(dir.path().join("state.redb")).unwrap();
         let store = open(dir.path(), db.clone());
         Env { dir, db, store }
     }
@@ -80,7 +80,7 @@ impl Env {
     }
 }
 
-fn open(dir: &Path, db: Arc<redb::Database>) -> ImageStore {
+fn open(dir: &Path, db: Arc<vessel_storage::db::Db>) -> ImageStore {
     ImageStore::open(
         ImageStoreConfig {
             root: dir.join("root"),
@@ -519,7 +519,7 @@ async fn killed_pull_is_invisible_and_next_pull_completes() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         // Child: pull whatever the parent says, then linger.
         let (dir, reference) = spec.split_once('|').unwrap();
-        let db = Arc::new(redb::Database::create(Path::new(dir).join("state.redb")).unwrap());
+        let db = vessel_storage::db::Db::open(Path::new(dir).join("state.redb")).unwrap();
         let store = open(Path::new(dir), db);
         let _ = store.pull(reference, &anon()).await;
         std::thread::sleep(Duration::from_secs(60));
@@ -576,7 +576,7 @@ async fn killed_pull_is_invisible_and_next_pull_completes() {
     let mut child = Reap(child);
     child.0.wait().unwrap();
 
-    let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+    let db = vessel_storage::db::Db::open(dir.path().join("state.redb")).unwrap();
     let store = open(dir.path(), db);
     assert!(
         store.list().unwrap().is_empty(),

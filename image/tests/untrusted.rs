@@ -29,7 +29,7 @@ impl Env {
     fn with_limits(limits: DownloadLimits, downloads: usize, image_limits: ImageLimits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("certs.d")).unwrap();
-        let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+        let db = vessel_storage::db::Db::open(dir.path().join("state.redb")).unwrap();
         let store = ImageStore::open(
             ImageStoreConfig {
                 root: dir.path().join("root"),
@@ -513,7 +513,7 @@ async fn snapshots_are_private() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    let db = Arc::new(redb::Database::create(env.dir.path().join("state2.redb")).unwrap());
+    let db = vessel_storage::db::Db::open(env.dir.path().join("state2.redb")).unwrap();
     let _again = ImageStore::open(env.store.config().clone(), db).unwrap();
     assert_eq!(mode(&root.join("snapshots")), 0o700);
     assert_eq!(mode(&root), 0o700);

@@ -326,11 +326,14 @@ mod tests {
         let sdir = dir.path().join("s");
         std::fs::create_dir(&sdir).unwrap();
         let st = rustix::fs::statvfs(&sdir).unwrap();
-        let free_mib = st.f_bavail * st.f_frsize >> 20;
+        let free_mib = (st.f_bavail * st.f_frsize) >> 20;
         // Half the free space, without overcommit: one fits, a second does not.
         let d = disks(dir.path()).with_overcommit(1.0);
         let half = (free_mib / 2).max(64);
-        let d = ScratchDisks { dir: sdir.clone(), ..d };
+        let d = ScratchDisks {
+            dir: sdir.clone(),
+            ..d
+        };
         d.create("aa", half).unwrap();
         let e = d.create("bb", half + 64).unwrap_err();
         assert!(matches!(e, StorageError::NoRoom { .. }), "{e}");

@@ -145,9 +145,47 @@ async fn a_full_node_disk_fails_the_writer_and_pauses_no_vm() {
     let dd = exec(&mut c, &a, &["cat", "/dd-exit"], 20).await.unwrap();
     let code = String::from_utf8_lossy(&dd.stdout).trim().to_owned();
     assert_ne!(code, "0", "A's dd cannot have written 400 MiB");
-    // Room for the removals' state writes (the state store does not survive a
-    // full disk yet: see docs/design.md).
+    // Calls that save state while the disk is full may fail (clearly); once space
+    // is back they work again without a restart (the state store retries and
+    // reopens its database).
+    for i in 0..3 {
+        let name = format!("during-full-{i}");
+        match create(
+            &mut c,
+            &b_pod,
+            &b_cfg,
+            container_config(&name, &image, &["true"]),
+        )
+        .await
+        {
+            Ok(id) => eprintln!("CreateContainer with the disk full worked: {id}"),
+            Err(e) => eprintln!(
+                "CreateContainer with the disk full: {:?} {}",
+                e.code(),
+                e.message()
+            ),
+        }
+    }
     std::fs::remove_file(&ballast).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        match create(
+            &mut c,
+            &b_pod,
+            &b_cfg,
+            container_config("after", &image, &["true"]),
+        )
+        .await
+        {
+            Ok(id) => break id,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("CreateContainer once space is back: {e:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("the store did not recover once space was back: {e:?}"),
+        }
+    };
+    start(&mut c, &after).await;
     for pod in [&a_pod, &b_pod] {
         remove_pod(&mut c, pod).await;
     }
@@ -176,7 +214,11 @@ async fn a_scratch_disk_past_the_overcommit_is_refused() {
         .await
         .expect_err("a 10 GiB disk at overcommit 0.000001");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("scratch_overcommit"), "{}", err.message());
+    assert!(
+        err.message().contains("scratch_overcommit"),
+        "{}",
+        err.message()
+    );
     assert!(pods(&mut c).await.is_empty(), "the refused pod is listed");
     assert_no_leaks(&d);
 }

@@ -210,7 +210,7 @@ impl Engine {
     pub async fn open(
         config: Arc<Config>,
         images: ImageStore,
-        db: Arc<redb::Database>,
+        db: Arc<vessel_storage::db::Db>,
     ) -> anyhow::Result<Arc<Self>> {
         // Before any VM starts: a VMM must never share a uid with a user namespace.
         vessel_sandbox::uids::check_subid_overlap(

@@ -470,7 +470,7 @@ struct Fixture {
     steps: Arc<FakeSteps>,
     config: Arc<Config>,
     images: vessel_image::ImageStore,
-    db: Arc<redb::Database>,
+    db: Arc<vessel_storage::db::Db>,
 }
 
 async fn fixture(steps: FakeSteps) -> Fixture {
@@ -480,7 +480,7 @@ async fn fixture(steps: FakeSteps) -> Fixture {
         run_root: dir.path().join("run"),
         ..Default::default()
     });
-    let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+    let db = vessel_storage::db::Db::open(dir.path().join("state.redb")).unwrap();
     let images = vessel_image::ImageStore::open(
         vessel_image::ImageStoreConfig {
             root: config.root.clone(),
@@ -779,7 +779,7 @@ fn add_image(f: &Fixture) {
         "chain_ids": [], "blobs": [], "pinned": false,
     });
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{"Cmd":["sleep","inf"]}}"#;
-    let w = f.db.begin_write().unwrap();
+    let w = f.db.get().unwrap().begin_write().unwrap();
     {
         let raw = serde_json::to_vec(&record).unwrap();
         w.open_table(records)

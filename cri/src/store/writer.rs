@@ -3,15 +3,21 @@
 //! transaction (one fsync), so a burst of changes from many pods costs one commit,
 //! and no async worker ever waits for the disk.
 //!
-//! A failed commit stops the writer for good: later changes are dropped rather
-//! than committed after a lost one (the file always holds a prefix of what was
-//! applied), and every later write and flush returns the error.
+//! A failed commit (a full disk, say) keeps its changes and the writer retries
+//! them every [`RETRY_PAUSE`], reopening the database first (redb refuses every
+//! transaction after an I/O error until then), with the changes queued behind them,
+//! in order. Meanwhile the store refuses new changes (`send` fails before memory
+//! changes), so memory stays what the file holds plus what is retried and the file
+//! always holds a prefix of what was applied. Once a retry commits, the store takes
+//! changes again: space coming back needs no restart.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use redb::{Database, TableDefinition};
+use redb::TableDefinition;
+use vessel_storage::db::Db;
 
 use super::StoreError;
 
@@ -32,6 +38,8 @@ pub(super) enum Op {
 
 /// How many queued changes one transaction takes at most (bounds its size).
 const MAX_BATCH: usize = 1024;
+/// Pause between retries of a failed commit.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// The handle the store sends changes through; dropping the last one lets the
 /// thread commit what is queued and then joins it.
@@ -43,7 +51,7 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(db: Arc<Database>) -> Result<Self, StoreError> {
+    pub(super) fn start(db: Arc<Db>) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(Mutex::new(None));
         let failed_in_thread = failed.clone();
@@ -58,7 +66,7 @@ impl Writer {
         })
     }
 
-    /// The commit error that stopped the writer, if any.
+    /// The commit error the writer is retrying past, if any.
     pub(super) fn check(&self) -> Result<(), StoreError> {
         match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(failed_error(e)),
@@ -91,40 +99,75 @@ impl Drop for Writer {
 
 pub(super) fn failed_error(e: &str) -> StoreError {
     StoreError::Db(format!(
-        "a state commit failed, later changes are not saved ({e}); fix the disk and restart vesseld"
+        "the state store cannot save changes ({e}); vesseld retries every second and \
+         takes changes again once a save works: free space on the disk of its root, then \
+         retry the call"
     ))
 }
 
-fn run(db: &Database, rx: &mpsc::Receiver<Op>, failed: &Mutex<Option<String>>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+fn run(db: &Db, rx: &mpsc::Receiver<Op>, failed: &Mutex<Option<String>>) {
+    // Changes not committed yet (only after a failure): retried, in order, ahead of
+    // everything later.
+    let mut pending: Vec<Op> = Vec::new();
+    loop {
+        let first = if pending.is_empty() {
+            match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => return, // closed, nothing left
             }
-        }
+        } else {
+            match rx.recv_timeout(RETRY_PAUSE) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Err(e) = retry(db, &pending) {
+                        tracing::error!(error = %e, changes = pending.len(),
+                            "state commit failed at shutdown: these changes are not saved");
+                    }
+                    return;
+                }
+            }
+        };
         let mut waiters = Vec::new();
-        let mut changes = Vec::new();
-        for op in batch {
+        for op in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
             match op {
                 Op::Flush(w) => waiters.push(w),
-                change => changes.push(change),
+                change => pending.push(change),
+            }
+            if pending.len() >= MAX_BATCH {
+                break;
             }
         }
-        let stopped = failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let result = match stopped {
-            Some(e) => Err(e),
-            None if changes.is_empty() => Ok(()),
-            None => commit(db, &changes).map_err(|e| {
-                tracing::error!(
-                    error = %e,
-                    changes = changes.len(),
-                    "state commit failed: these and all later changes are not saved"
-                );
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
-                e
-            }),
+        let result = if pending.is_empty() {
+            Ok(())
+        } else {
+            let retrying = failed.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            let done = if retrying {
+                retry(db, &pending)
+            } else {
+                commit(db, &pending)
+            };
+            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+            match done {
+                Ok(()) => {
+                    pending.clear();
+                    if f.take().is_some() {
+                        tracing::info!("state commits work again; the store takes changes");
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if f.is_none() {
+                        tracing::error!(error = %e, changes = pending.len(),
+                            "state commit failed: new changes are refused while it is retried");
+                    }
+                    *f = Some(e.clone());
+                    Err(e)
+                }
+            }
         };
         for w in waiters {
             // A flusher that gave up is no error.
@@ -133,8 +176,16 @@ fn run(db: &Database, rx: &mpsc::Receiver<Op>, failed: &Mutex<Option<String>>) {
     }
 }
 
+/// A retry after a failure: the database is reopened first (redb refuses every
+/// transaction after an I/O error until it is).
+fn retry(db: &Db, changes: &[Op]) -> Result<(), String> {
+    db.reopen().map_err(|e| e.to_string())?;
+    commit(db, changes)
+}
+
 /// One write transaction applying `changes` in order.
-fn commit(db: &Database, changes: &[Op]) -> Result<(), String> {
+fn commit(db: &Db, changes: &[Op]) -> Result<(), String> {
+    let db = db.get().map_err(|e| e.to_string())?;
     let wtx = db.begin_write().map_err(|e| e.to_string())?;
     for op in changes {
         match op {
