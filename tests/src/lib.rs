@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod cri;
 pub mod daemon;
+pub mod probe;
 pub mod registry;
 pub mod streaming;
 pub mod testhost;

@@ -5,13 +5,14 @@
 //! (The cases without vesseld, redirects and trickled bodies included, are in
 //! image/tests/hostile_registry.rs.)
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vessel_tests::daemon::TestDaemon;
+use vessel_tests::probe::{free_port, metric};
 use vessel_tests::testimages;
 
 const GIB: u64 = 1 << 30;
@@ -79,24 +80,6 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-/// One value of vesseld's /metrics.
-fn metric(port: u16, name: &str) -> Option<u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +156,7 @@ async fn huge_token_and_error_bodies_stay_out_of_vesseld() {
     }
     let rss = vm_hwm_kib(pid);
     let logged = d.log().len() - log_before;
-    let refused = metric(metrics_port, "vessel_image_registry_refused_bytes_total").unwrap();
+    let refused = metric(metrics_port, "vessel_image_registry_refused_bytes_total").unwrap() as u64;
     eprintln!(
         "vesseld peak RSS {rss_before} KiB before, {rss} KiB after; {logged} log bytes \
          (debug level); {refused} bytes refused on /metrics"

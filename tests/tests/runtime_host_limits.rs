@@ -11,21 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1 as cri;
 use runtime_common::*;
 use vessel_tests::daemon::TestDaemon;
-
-/// Pids of the processes whose command line names `needle`.
-fn pids_naming(needle: &str) -> Vec<i32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (pid as u32 != me && cmd.contains(needle)).then_some(pid)
-        })
-        .collect()
-}
+use vessel_tests::probe::pids_naming;
 
 /// The host processes of pod (or pool entry) `id`: those naming the VM's run dir
 /// (QEMU, vhost-device-vsock) and everything in a cgroup named for it (virtiofsd

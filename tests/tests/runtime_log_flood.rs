@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use runtime_common::*;
+use vessel_tests::probe::{free_port, metric};
 
 /// The default of `[containers] log_size_max` (64 MiB): the test runs with it, so it
 /// also shows the default is in force.
@@ -33,28 +34,6 @@ const CPU_BOUND: Duration = Duration::from_secs(7);
 const FLOODER: &str = "trap 'exit 143' TERM; yes '' | head -c 20000000; touch /flooded; \
     while [ ! -e /go ]; do sleep 0.1; done; echo after-rotation; \
     while :; do sleep 0.1; done";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One value of vesseld's /metrics (the first line starting with `name`).
-fn metric(port: u16, name: &str) -> Option<f64> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 /// User plus system CPU time of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {

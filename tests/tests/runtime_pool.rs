@@ -12,18 +12,11 @@ use runtime_common::*;
 use vessel_tests::bench::pods::pool_warm_vms;
 use vessel_tests::cri::CriClient;
 use vessel_tests::daemon::TestDaemon;
+use vessel_tests::probe::{free_port, pids_naming};
 use vessel_tests::registry::TestRegistry;
 
 /// How long a pool VM may take to boot on a loaded TCG machine.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A vesseld with a pool of one default-handler VM, its metrics on `metrics_port`,
 /// busybox pulled. None when no guest was built (skipped with a message).
@@ -65,21 +58,6 @@ fn pool_ids(d: &TestDaemon) -> Vec<String> {
 /// The VM dir of pod (or pool entry) `id`.
 fn vm_dir(d: &TestDaemon, id: &str) -> PathBuf {
     d.run_root().join("vm").join(&id[..16])
-}
-
-/// Pids of processes whose command line names `needle`.
-fn pids_naming(needle: &str) -> Vec<i32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (pid as u32 != me && cmd.contains(needle)).then_some(pid)
-        })
-        .collect()
 }
 
 fn qemu_of(d: &TestDaemon, id: &str) -> Option<i32> {

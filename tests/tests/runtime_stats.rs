@@ -196,6 +196,25 @@ async fn stats_follow_cpu_memory_and_network() {
         val(&layer.inodes_used) >= 2,
         "/tmp/go and /tmp/done: {layer:?}"
     );
+    // The kubelet stats this path on the host (its /stats/summary failed on the
+    // guest path before): the container filesystem ImageFsInfo reports.
+    let mountpoint = &layer.fs_id.as_ref().expect("fs_id").mountpoint;
+    let fs_info = c
+        .image
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo")
+        .into_inner();
+    let container_fs = &fs_info.container_filesystems[0];
+    assert_eq!(
+        Some(mountpoint),
+        container_fs.fs_id.as_ref().map(|f| &f.mountpoint),
+        "writable layer and ImageFsInfo disagree"
+    );
+    assert!(
+        std::path::Path::new(mountpoint).is_dir(),
+        "{mountpoint} is not a host dir"
+    );
 
     // Network: 40 pings of 1000 bytes from the test host reach the guest's eth0.
     let rx_before = eth0_rx(&pod_stats(&mut c, &pod).await);

@@ -16,37 +16,11 @@ use vessel_streamproto::k8s;
 use vessel_streamproto::spdy::session::{Limits, Role, Session, Stream};
 use vessel_streamproto::spdy::Headers;
 use vessel_tests::cri::CriClient;
+use vessel_tests::probe::{free_port, metric_in as metric, metrics_text as metrics};
 use vessel_tests::streaming::*;
 
 const MAX_SESSIONS: usize = 8;
 const PER_POD: usize = 4;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The whole /metrics text.
-fn metrics(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// The value of the metric line starting with `prefix`, if there is one.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 /// A refused upgrade: the HTTP status and body.
 #[derive(Debug)]
