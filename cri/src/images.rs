@@ -264,12 +264,7 @@ fn scratch_usage(
     let usage = scratch
         .usage()
         .map_err(|e| Status::internal(format!("scratch disk usage: {e}")))?;
-    let dir = scratch
-        .dir()
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(std::path::Path::new("/"));
-    let mountpoint = vessel_image::mount_point(dir).map_err(|e| {
+    let mountpoint = crate::scratch::scratch_mountpoint(scratch.dir()).map_err(|e| {
         Status::internal(format!("mount point of {}: {e}", scratch.dir().display()))
     })?;
     Ok((mountpoint, usage))

@@ -39,10 +39,14 @@ impl RuntimeSvc {
         engine.store().observe(Arc::new(move |change, pod, ctrs| {
             bus.publish_change(change, pod, ctrs)
         }));
+        let stats = Arc::new(crate::stats::Stats::new(
+            engine.clone(),
+            config.root.join("scratch"),
+        ));
         RuntimeSvc {
             config,
             images,
-            stats: Arc::new(crate::stats::Stats::new(engine.clone())),
+            stats,
             engine,
             pod_cidr: std::sync::Mutex::default(),
             events,

@@ -16,6 +16,17 @@ pub fn scratch_disks(config: &Config) -> ScratchDisks {
         .with_overcommit(config.containers.scratch_overcommit)
 }
 
+/// The host mount point holding the scratch disks' dir (or its nearest existing
+/// parent before the first pod): the filesystem the kubelet accounts containers'
+/// writable layers to. Blocking (reads mountinfo).
+pub fn scratch_mountpoint(dir: &Path) -> std::io::Result<PathBuf> {
+    let dir = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    vessel_image::mount_point(dir)
+}
+
 /// `mkfs.ext4` on PATH, else in the sbin dirs a non-root PATH lacks.
 pub fn mkfs_ext4() -> Option<PathBuf> {
     use vessel_sandbox::preflight::find_program;

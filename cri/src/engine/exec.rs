@@ -56,8 +56,11 @@ impl Engine {
         &self,
         req: cri::ExecSyncRequest,
     ) -> Result<cri::ExecSyncResponse, RuntimeError> {
-        if req.cmd.is_empty() {
-            return Err(RuntimeError::invalid("ExecSync: cmd is empty"));
+        // An empty program name ([""]) would fail in the guest as Internal.
+        if req.cmd.first().is_none_or(|p| p.is_empty()) {
+            return Err(RuntimeError::invalid(
+                "ExecSync: cmd is empty (its first element names the program to run)",
+            ));
         }
         let c = self.store.container(&req.container_id)?;
         let exec_id = new_id()[..16].to_owned();

@@ -728,6 +728,19 @@ async fn calls_on_unknown_ids_say_not_found_or_succeed() {
         ),
         tonic::Code::NotFound
     );
+    // An empty command, or an empty program name, is the caller's mistake.
+    for cmd in [vec![], vec![String::new(), "x".into()]] {
+        let e = f
+            .engine
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: "nope".into(),
+                cmd,
+                timeout: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), tonic::Code::InvalidArgument);
+    }
     assert!(f.steps.calls().is_empty());
 }
 

@@ -29,8 +29,13 @@ pub fn container_attributes(c: &ContainerRecord) -> cri::ContainerAttributes {
 }
 
 /// A container's stats; without a sample of it (pod not running, container not in
-/// the guest) only the attributes.
-pub fn container_stats(c: &ContainerRecord, sample: Option<&PodSample>) -> cri::ContainerStats {
+/// the guest) only the attributes. `writable_fs` is the host mount point its
+/// writable layer is accounted to.
+pub fn container_stats(
+    c: &ContainerRecord,
+    sample: Option<&PodSample>,
+    writable_fs: &str,
+) -> cri::ContainerStats {
     let mut out = cri::ContainerStats {
         attributes: Some(container_attributes(c)),
         ..Default::default()
@@ -65,7 +70,7 @@ pub fn container_stats(c: &ContainerRecord, sample: Option<&PodSample>) -> cri::
     out.writable_layer = Some(cri::FilesystemUsage {
         timestamp,
         fs_id: Some(cri::FilesystemIdentifier {
-            mountpoint: "/run/vessel/rootfs".into(),
+            mountpoint: writable_fs.to_owned(),
         }),
         used_bytes: v(s.rootfs_used_bytes),
         inodes_used: v(s.rootfs_inodes_used),
@@ -100,6 +105,7 @@ pub fn pod_stats(
     p: &PodRecord,
     containers: &[ContainerRecord],
     sample: Option<&PodSample>,
+    writable_fs: &str,
 ) -> cri::PodSandboxStats {
     let attributes = Some(cri::PodSandboxAttributes {
         id: p.id.clone(),
@@ -113,7 +119,7 @@ pub fn pod_stats(
             linux: Some(cri::LinuxPodSandboxStats {
                 containers: containers
                     .iter()
-                    .map(|c| container_stats(c, None))
+                    .map(|c| container_stats(c, None, writable_fs))
                     .collect(),
                 ..Default::default()
             }),
@@ -146,7 +152,7 @@ pub fn pod_stats(
         }),
         containers: containers
             .iter()
-            .map(|c| container_stats(c, Some(sample)))
+            .map(|c| container_stats(c, Some(sample), writable_fs))
             .collect(),
     };
     cri::PodSandboxStats {

@@ -83,14 +83,38 @@ pub struct Stats {
     engine: Arc<Engine>,
     /// Per pod; the async lock makes concurrent callers share one agent call.
     cache: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Entry>>>>,
+    /// The scratch disks' dir: containers' writable layers live there on the host.
+    scratch_dir: std::path::PathBuf,
+    /// Its mount point, found once: the kubelet stats this host path.
+    writable_fs: tokio::sync::OnceCell<String>,
 }
 
 impl Stats {
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<Engine>, scratch_dir: std::path::PathBuf) -> Self {
         Stats {
             engine,
             cache: Mutex::default(),
+            scratch_dir,
+            writable_fs: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The host filesystem containers' writable layers are accounted to (what
+    /// ImageFsInfo reports as the container filesystem), never a guest path: the
+    /// kubelet stats it.
+    async fn writable_fs(&self) -> &str {
+        self.writable_fs
+            .get_or_init(|| async {
+                let dir = self.scratch_dir.clone();
+                tokio::task::spawn_blocking(move || crate::scratch::scratch_mountpoint(&dir))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_else(|| std::path::PathBuf::from("/"))
+                    .display()
+                    .to_string()
+            })
+            .await
     }
 
     fn entry(&self, pod_id: &str) -> Arc<tokio::sync::Mutex<Entry>> {

@@ -22,8 +22,9 @@ impl Stats {
             .container(&req.container_id)
             .map_err(store_status)?;
         let sample = self.pod_sample(&c.pod_id).await;
+        let fs = self.writable_fs().await;
         Ok(cri::ContainerStatsResponse {
-            stats: Some(convert::container_stats(&c, sample.as_deref())),
+            stats: Some(convert::container_stats(&c, sample.as_deref(), fs)),
         })
     }
 
@@ -47,9 +48,10 @@ impl Stats {
         pods.sort();
         pods.dedup();
         let samples = self.pod_samples(pods).await;
+        let fs = self.writable_fs().await;
         let stats = containers
             .iter()
-            .map(|c| convert::container_stats(c, samples.get(&c.pod_id).map(|s| s.as_ref())))
+            .map(|c| convert::container_stats(c, samples.get(&c.pod_id).map(|s| s.as_ref()), fs))
             .collect();
         Ok(cri::ListContainerStatsResponse { stats })
     }
@@ -66,7 +68,12 @@ impl Stats {
         let sample = self.pod_sample(&pod.id).await;
         let containers = self.engine.store().containers_of(&pod.id);
         Ok(cri::PodSandboxStatsResponse {
-            stats: Some(convert::pod_stats(&pod, &containers, sample.as_deref())),
+            stats: Some(convert::pod_stats(
+                &pod,
+                &containers,
+                sample.as_deref(),
+                self.writable_fs().await,
+            )),
         })
     }
 
@@ -104,11 +111,12 @@ impl Stats {
         req: cri::ListPodSandboxStatsRequest,
     ) -> Result<cri::ListPodSandboxStatsResponse, Status> {
         let f = req.filter.unwrap_or_default();
+        let fs = self.writable_fs().await;
         let stats = self
             .select_pods(&f.id, &f.label_selector)
             .await
             .iter()
-            .map(|(p, cs, s)| convert::pod_stats(p, cs, s.as_deref()))
+            .map(|(p, cs, s)| convert::pod_stats(p, cs, s.as_deref(), fs))
             .collect();
         Ok(cri::ListPodSandboxStatsResponse { stats })
     }

@@ -133,8 +133,10 @@ impl StreamingServer {
     }
 
     pub fn exec(&self, req: cri::ExecRequest) -> Result<cri::ExecResponse, Status> {
-        if req.cmd.is_empty() {
-            return Err(Status::invalid_argument("Exec: cmd is empty"));
+        if req.cmd.first().is_none_or(|p| p.is_empty()) {
+            return Err(Status::invalid_argument(
+                "Exec: cmd is empty (its first element names the program to run)",
+            ));
         }
         if !(req.stdin || req.stdout || req.stderr) {
             return Err(Status::invalid_argument(
