@@ -89,7 +89,7 @@ where
                 Ok(()) => Ok(resp),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot make the call's state change durable");
-                    Ok(tonic::Status::internal(e.to_string()).into_http())
+                    Ok(crate::status::store_status(e).into_http())
                 }
             }
         })

@@ -24,6 +24,8 @@ impl From<RuntimeError> for Status {
                 StoreError::NameTaken { .. } => Code::AlreadyExists,
                 StoreError::BadTransition { .. } => Code::FailedPrecondition,
                 StoreError::Db(_) => Code::Internal,
+                // Retried by vesseld; the call works again once the disk has room.
+                StoreError::Unsaved(_) => Code::Unavailable,
             },
             RuntimeError::Image(i) => return image_status(i),
         };

@@ -159,6 +159,10 @@ pub enum StoreError {
     },
     #[error("state database: {0}")]
     Db(String),
+    /// A commit failed (a full disk, say) and is being retried; changes are
+    /// refused until one works.
+    #[error("{0}")]
+    Unsaved(String),
 }
 
 impl StoreError {
@@ -903,8 +907,11 @@ pub(crate) mod tests {
         let e = s.flush().await.unwrap_err().to_string();
         assert!(e.contains("injected: disk gone"), "{e}");
         // While it fails, new changes are refused (memory stays file + retried).
-        let e = s.add_pod(pod("p3", "x", 0)).unwrap_err().to_string();
-        assert!(e.contains("cannot save changes"), "{e}");
+        let e = s.add_pod(pod("p3", "x", 0)).unwrap_err();
+        assert!(e.to_string().contains("cannot save changes"), "{e}");
+        // The caller is told to retry (Unavailable), not that vesseld broke.
+        let status = tonic::Status::from(crate::engine::RuntimeError::from(e));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(s.update_pod("p1", |_| ()).is_err());
         assert_eq!(s.pods().len(), 2, "reads answer from memory");
         // The disk is back: within a retry or two the store takes changes again,

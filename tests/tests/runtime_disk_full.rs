@@ -159,11 +159,17 @@ async fn a_full_node_disk_fails_the_writer_and_pauses_no_vm() {
         .await
         {
             Ok(id) => eprintln!("CreateContainer with the disk full worked: {id}"),
-            Err(e) => eprintln!(
-                "CreateContainer with the disk full: {:?} {}",
-                e.code(),
-                e.message()
-            ),
+            Err(e) => {
+                eprintln!(
+                    "CreateContainer with the disk full: {:?} {}",
+                    e.code(),
+                    e.message()
+                );
+                // A state save refused: the caller is told to retry.
+                if e.message().contains("cannot save changes") {
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                }
+            }
         }
     }
     std::fs::remove_file(&ballast).unwrap();

@@ -98,7 +98,7 @@ impl Drop for Writer {
 }
 
 pub(super) fn failed_error(e: &str) -> StoreError {
-    StoreError::Db(format!(
+    StoreError::Unsaved(format!(
         "the state store cannot save changes ({e}); vesseld retries every second and \
          takes changes again once a save works: free space on the disk of its root, then \
          retry the call"
