@@ -193,12 +193,16 @@ pub fn spawn_confined(spec: &SpawnSpec<'_>, confine: &Confine) -> Result<Proc> {
                 rustix::io::write(BorrowedFd::borrow_raw(fd), b"0")?;
             }
             if let Some(score) = &oom_score_adj {
-                let f = rustix::fs::open(
+                // Best effort: without CAP_SYS_RESOURCE a score below the inherited
+                // minimum is refused, and the process then keeps the higher (less
+                // protected) one it inherited; never a reason to fail the spawn.
+                if let Ok(f) = rustix::fs::open(
                     c"/proc/self/oom_score_adj",
                     rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
                     rustix::fs::Mode::empty(),
-                )?;
-                rustix::io::write(&f, score)?;
+                ) {
+                    let _ = rustix::io::write(&f, score);
+                }
             }
             if let Some(ns) = &netns {
                 rustix::thread::move_into_link_name_space(
