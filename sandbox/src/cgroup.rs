@@ -177,6 +177,52 @@ fn read_pids(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Writes `score` to `pid`'s `oom_score_adj` through a descriptor of its /proc dir,
+/// and only if that process is in the cgroup `rel` (when given): a pid read from
+/// `cgroup.procs` may exit and be reused by another process before the write, and
+/// the descriptor then reads another process's files not at all (ESRCH). A process
+/// gone meanwhile is skipped. Blocking.
+pub(crate) fn write_oom_score_adj(pid: i32, rel: Option<&str>, score: i32) -> Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let path = PathBuf::from(format!("/proc/{pid}"));
+    let gone = |e: rustix::io::Errno| e == rustix::io::Errno::SRCH || e == rustix::io::Errno::NOENT;
+    let dir = match rustix::fs::open(&path, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(d) => d,
+        Err(e) if gone(e) => return Ok(()),
+        Err(e) => return Err(Error::io(&path, e.into())),
+    };
+    if let Some(rel) = rel {
+        let member = rustix::fs::openat(
+            &dir,
+            "cgroup",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        .and_then(|f| std::io::read_to_string(std::fs::File::from(f)).ok())
+        .is_some_and(|text| {
+            let want = format!("/{rel}");
+            text.lines()
+                .any(|l| l.splitn(3, ':').nth(2) == Some(want.as_str()))
+        });
+        if !member {
+            return Ok(());
+        }
+    }
+    let written = rustix::fs::openat(
+        &dir,
+        "oom_score_adj",
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(|f| rustix::io::write(&f, score.clamp(-1000, 1000).to_string().as_bytes()));
+    match written {
+        Ok(_) => Ok(()),
+        Err(e) if gone(e) => Ok(()),
+        Err(e) => Err(Error::io(path.join("oom_score_adj"), e.into())),
+    }
+}
+
 impl PodCgroup {
     /// Where the pod cgroup of `id` under `parent` goes on this host (nothing is
     /// created yet).
@@ -285,6 +331,13 @@ impl PodCgroup {
             }
         }
         self.remove()
+    }
+
+    /// Gives every process of the cgroup the OOM score adjustment `score`. Blocking.
+    pub fn set_oom_score_adj(&self, score: i32) -> Result<()> {
+        self.pids()
+            .into_iter()
+            .try_for_each(|pid| write_oom_score_adj(pid, Some(&self.rel), score))
     }
 
     /// `cgroup.procs` of each hierarchy, opened for a `pre_exec` to write "0" to.

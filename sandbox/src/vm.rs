@@ -891,23 +891,16 @@ async fn wait_for_agent(
     }
 }
 
-/// Sets the OOM score adjustment of a VM's host processes: `pids` and everything in
-/// its pod cgroup (all they forked). Blocking.
+/// Sets the OOM score adjustment of a VM's host processes: everything in its pod
+/// cgroup (all they forked), or, for an unconfined VM (tests' tools), `pids`.
+/// Blocking.
 pub fn set_oom_score_adj(pids: Vec<i32>, cgroup: Option<&PodCgroup>, score: i32) -> Result<()> {
-    let mut all: std::collections::BTreeSet<i32> = pids.into_iter().collect();
-    all.extend(cgroup.map(PodCgroup::pids).unwrap_or_default());
-    let value = score.clamp(-1000, 1000).to_string();
-    for pid in all {
-        let path = PathBuf::from(format!("/proc/{pid}/oom_score_adj"));
-        match std::fs::write(&path, &value) {
-            Ok(()) => {}
-            // Exited meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&path, e)),
-        }
+    match cgroup {
+        Some(cg) => cg.set_oom_score_adj(score),
+        None => pids
+            .into_iter()
+            .try_for_each(|pid| crate::cgroup::write_oom_score_adj(pid, None, score)),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -345,15 +345,16 @@ impl Engine {
         timings.share_ms = millis(phase.elapsed());
 
         let mut vmc = self.vm_config(id, handler, size, &share);
-        // The kubelet's pod cgroup: the VM's host processes are accounted to the pod.
-        vmc.cgroup_parent = Some(
-            config
-                .linux
-                .as_ref()
-                .map(|l| l.cgroup_parent.clone())
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| self.config.jail.default_cgroup_parent.clone()),
-        );
+        // The kubelet's pod cgroup: the VM's host processes are accounted to the pod
+        // (vm_config has set the default parent for pods that name none).
+        if let Some(parent) = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .filter(|p| !p.is_empty())
+        {
+            vmc.cgroup_parent = Some(parent);
+        }
         vmc.oom_score_adj = Some(crate::oomscore::for_sandbox(config));
         if handler.writable_layer_mib > 0 {
             let phase = Instant::now();
@@ -593,8 +594,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The config a pod was started with; a record that does not decode is an error,
-    /// not an empty config.
     /// Gives the pod VM's host processes the OOM score its containers ask for
     /// (`crate::oomscore`). Called with the pod lock held, after its set of
     /// containers or their resources changed. A failure is logged: the pod runs on,
@@ -620,6 +619,8 @@ impl Engine {
         );
     }
 
+    /// The config a pod was started with; a record that does not decode is an error,
+    /// not an empty config.
     pub fn pod_config(pod: &PodRecord) -> Result<cri::PodSandboxConfig, RuntimeError> {
         cri::PodSandboxConfig::decode(pod.config.as_slice()).map_err(|e| {
             RuntimeError::internal(format!(
