@@ -54,24 +54,31 @@ impl OutputCursor {
         self.lines.held()
     }
 
-    /// Takes the chunk `data` at stream offset `offset`. Bytes already read (a replay
-    /// after a reopen) are skipped; a gap is reported as lost and skipped over.
-    pub fn feed(&mut self, offset: u64, data: &[u8]) -> Result<Fed, BadChunk> {
-        let bad = BadChunk {
-            offset,
-            len: data.len(),
-        };
-        let end = offset.checked_add(data.len() as u64).ok_or(bad)?;
-        let mut fed = Fed::default();
+    /// Moves the cursor over the chunk at `offset` of `len` bytes: a gap before it
+    /// is skipped (returned as a [`Fed`] without entries: the bytes lost and the
+    /// unfinished line it cuts), and what of the chunk was read already (a replay
+    /// after a reopen) is skipped too (returned: where the new bytes start).
+    fn advance(&mut self, offset: u64, len: usize) -> Result<(Fed, usize), BadChunk> {
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(BadChunk { offset, len })?;
+        let mut gap = Fed::default();
         if offset > self.next {
-            fed.lost = offset - self.next;
-            fed.cut = self.lines.finish();
+            gap.lost = offset - self.next;
+            gap.cut = self.lines.finish();
             self.done = offset;
             self.next = offset;
         }
         // offset <= next here, and end fits: the skip stays within the chunk.
-        let skip = (self.next - offset).min(data.len() as u64) as usize;
+        let skip = (self.next - offset).min(len as u64) as usize;
         self.next = self.next.max(end);
+        Ok((gap, skip))
+    }
+
+    /// Takes the chunk `data` at stream offset `offset`. Bytes already read (a replay
+    /// after a reopen) are skipped; a gap is reported as lost and skipped over.
+    pub fn feed(&mut self, offset: u64, data: &[u8]) -> Result<Fed, BadChunk> {
+        let (mut fed, skip) = self.advance(offset, data.len())?;
         fed.entries = self.lines.feed(&data[skip..]);
         self.done += consumed(&fed.entries);
         Ok(fed)
@@ -79,24 +86,12 @@ impl OutputCursor {
 
     /// [`OutputCursor::feed`] for a log that holds nothing more (capped): the chunk
     /// is accounted for without making entries, so a flood costs a scan per chunk,
-    /// not work per line. Returns the stream bytes dropped.
+    /// not work per line. Returns the stream bytes dropped (the cut line included).
     pub fn discard(&mut self, offset: u64, data: &[u8]) -> Result<u64, BadChunk> {
-        let end = offset.checked_add(data.len() as u64).ok_or(BadChunk {
-            offset,
-            len: data.len(),
-        })?;
-        let mut dropped = 0;
-        if offset > self.next {
-            // Lost bytes and the cut line: nothing to log them in either.
-            dropped += self.lines.finish().map_or(0, |(_, m)| m.len() as u64);
-            self.done = offset;
-            self.next = offset;
-        }
-        let skip = (self.next - offset).min(data.len() as u64) as usize;
-        self.next = self.next.max(end);
+        let (gap, skip) = self.advance(offset, data.len())?;
         let consumed = self.lines.discard(&data[skip..]);
         self.done += consumed;
-        Ok(dropped + consumed)
+        Ok(gap.cut.map_or(0, |(_, m)| m.len() as u64) + consumed)
     }
 
     /// The end of the stream: the unfinished last line is logged as a full one.

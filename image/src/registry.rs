@@ -520,14 +520,13 @@ impl Registry {
                 object,
                 ep.host.host
             );
-            let d = self.answer_deadline;
-            let res = match tokio::time::timeout(d, self.get_manifest(ep, object, &what)).await {
-                Ok(res) => res,
-                Err(_) => Err(ImageError::TooSlow(format!(
-                    "{what}: no complete answer within {}s",
-                    d.as_secs_f64()
-                ))),
-            };
+            let res = self
+                .within_deadline(
+                    self.get_manifest(ep, object, &what),
+                    &what,
+                    "complete answer",
+                )
+                .await;
             match res {
                 Ok(body) => return Ok(body),
                 Err(e) => {
@@ -587,18 +586,30 @@ impl Registry {
     /// Opens a stream of the blob `digest` from the first host that serves it. The
     /// answer must start within the answer deadline; the body's pace is the content
     /// store's rate check.
+    /// `fut`, failed as TooSlow ("{what}: no {awaited} within ...") when it takes
+    /// longer than the answer deadline.
+    async fn within_deadline<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ImageError>>,
+        what: &str,
+        awaited: &str,
+    ) -> Result<T, ImageError> {
+        let d = self.answer_deadline;
+        tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+            Err(ImageError::TooSlow(format!(
+                "{what}: no {awaited} within {}s",
+                d.as_secs_f64()
+            )))
+        })
+    }
+
     pub(crate) async fn blob_stream(&self, digest: &str) -> Result<BlobStream, ImageError> {
         let mut best: Option<ImageError> = None;
         for ep in self.endpoints.iter().filter(|e| e.host.pull) {
             let what = format!("blob {digest} of {} at {}", self.image.name(), ep.host.host);
-            let d = self.answer_deadline;
-            let res = match tokio::time::timeout(d, self.open_blob(ep, digest, &what)).await {
-                Ok(res) => res,
-                Err(_) => Err(ImageError::TooSlow(format!(
-                    "{what}: no answer within {}s",
-                    d.as_secs_f64()
-                ))),
-            };
+            let res = self
+                .within_deadline(self.open_blob(ep, digest, &what), &what, "answer")
+                .await;
             match res {
                 Ok(s) => return Ok(s),
                 Err(e) => {
